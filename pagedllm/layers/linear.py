@@ -1,0 +1,145 @@
+"""Linear layers with Megatron-style tensor-parallel sharding.
+
+Each parameter carries a `weight_loader(param, loaded_weight, shard_id=None)`
+that copies only this rank's slice of a full checkpoint tensor, so fused
+layers (QKV, gate/up) load from the separate tensors checkpoints store.
+Weights are [out_features, in_features] as in torch.nn.Linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
+
+
+def divide(numerator: int, denominator: int) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{numerator} is not divisible by the tensor-parallel size {denominator}")
+    return numerator // denominator
+
+
+def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(shape), requires_grad=False)
+    param.weight_loader = loader
+    return param
+
+
+def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"{name}: checkpoint tensor has shape {tuple(loaded.shape)}, "
+                         f"expected {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+class ReplicatedLinear(nn.Module):
+    """Every rank holds the whole weight."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = _param((out_features, in_features), self.weight_loader)
+        self.bias = _param((out_features,), self.weight_loader) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        _copy_checked(param, loaded, type(self).__name__)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split across ranks: rank r computes rows [r*n, (r+1)*n)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.out_per_rank = divide(out_features, self.tp_size)
+        self.weight = _param((self.out_per_rank, in_features), self.weight_loader)
+        self.bias = _param((self.out_per_rank,), self.weight_loader) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        size = param.shape[0]
+        _copy_checked(param, loaded.narrow(0, self.tp_rank * size, size), type(self).__name__)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one matmul (gate and up projections).
+    shard_id = index into output_sizes."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False) -> None:
+        self.output_sizes = output_sizes
+        super().__init__(in_features, sum(output_sizes), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if shard_id is None:  # an already fused checkpoint tensor
+            return super().weight_loader(param, loaded)
+        shard = divide(self.output_sizes[shard_id], self.tp_size)
+        offset = sum(divide(size, self.tp_size) for size in self.output_sizes[:shard_id])
+        _copy_checked(param.data.narrow(0, offset, shard), loaded.narrow(0, self.tp_rank * shard, shard),
+                      f"{type(self).__name__}[{shard_id}]")
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused Q, K, V projections. Query heads are split across ranks; KV heads
+    too, or replicated when there are fewer KV heads than ranks."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False) -> None:
+        tp_size = get_tp_size()
+        self.head_dim = head_dim
+        self.num_heads = divide(num_heads, tp_size)
+        if num_kv_heads >= tp_size:
+            self.num_kv_heads = divide(num_kv_heads, tp_size)
+            self.kv_replicas = 1
+        else:
+            self.num_kv_heads = 1
+            self.kv_replicas = divide(tp_size, num_kv_heads)
+        out_features = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
+        super().__init__(hidden_size, out_features, bias)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if shard_id is None:
+            raise ValueError("QKVParallelLinear loads q, k and v separately (shard_id 'q' | 'k' | 'v')")
+        if shard_id == "q":
+            offset, size, rank = 0, self.q_size, self.tp_rank
+        else:
+            offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
+            size, rank = self.kv_size, self.tp_rank // self.kv_replicas
+        _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size),
+                      f"{type(self).__name__}[{shard_id}]")
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split across ranks; partial outputs are summed (one all-reduce)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.in_per_rank = divide(in_features, self.tp_size)
+        self.weight = _param((out_features, self.in_per_rank), self.weight_loader)
+        self.bias = _param((out_features,), self._bias_loader) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        size = self.in_per_rank
+        _copy_checked(param, loaded.narrow(1, self.tp_rank * size, size), type(self).__name__)
+
+    def _bias_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        _copy_checked(param, loaded, type(self).__name__)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = tp_all_reduce(F.linear(x, self.weight))
+        # The bias is added once, after the sum.
+        return out if self.bias is None else out + self.bias

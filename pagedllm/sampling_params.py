@@ -1,0 +1,120 @@
+"""SamplingParams: how one prompt is sampled. vLLM's field names and defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+# Hard caps that protect the engine from absurd requests; the server exposes
+# them as flags, offline users can raise them by editing these constants.
+MAX_N = 128
+MAX_LOGPROBS = 20
+
+
+def _check(ok: bool, name: str, allowed: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    """Sampling options for one prompt.
+
+    n: number of samples returned for the prompt (1..MAX_N); the prompt is
+        computed once and its KV blocks are shared among the samples.
+    temperature: 0 means greedy; otherwise logits are divided by it (0..100).
+    top_p: nucleus sampling, keep the smallest set of tokens with cumulative
+        probability >= top_p (0 < top_p <= 1).
+    top_k: keep the k most likely tokens (0 or -1 = all).
+    min_p: drop tokens whose probability is below min_p * max probability (0..1).
+    seed: per-request seed; the same seed gives the same tokens whatever the
+        batch, preemption or chunking.
+    presence_penalty / frequency_penalty: OpenAI penalties (-2..2) on tokens
+        already generated (presence: once, frequency: per occurrence).
+    repetition_penalty: CTRL-style penalty (> 0, 1 = off) on tokens in the
+        prompt or the output.
+    max_tokens: most tokens to generate (>= 1; None = up to max_model_len).
+    min_tokens: EOS and stop_token_ids are masked until this many are generated.
+    stop: strings that end generation (not included in the text unless
+        include_stop_str_in_output).
+    stop_token_ids: token ids that end generation (included in token_ids).
+    ignore_eos: keep generating past EOS (benchmarks).
+    logprobs: return the log-probability of the sampled token plus the top-N
+        (0..MAX_LOGPROBS); None = no logprobs.
+    prompt_logprobs: same for every prompt token (the first has none).
+    skip_special_tokens: drop special tokens from the detokenized text.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    # Filled by the engine: EOS ids of the model (not a user field).
+    eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    def _validate(self) -> None:
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"an integer in [1, {MAX_N}]", self.n)
+        _check(_is_number(self.temperature) and 0 <= self.temperature <= 100,
+               "temperature", "a number in [0, 100]", self.temperature)
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "-1, 0 (off) or a positive integer", self.top_k)
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]", self.min_p)
+        _check(self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**64),
+               "seed", "an integer or None", self.seed)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_number(value) and -2 <= value <= 2, name, "a number in [-2, 2]", value)
+        _check(_is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 100,
+               "repetition_penalty", "a number in (0, 100]", self.repetition_penalty)
+        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+               "max_tokens", "an integer >= 1 or None", self.max_tokens)
+        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0", self.min_tokens)
+        if self.max_tokens is not None:
+            _check(self.min_tokens <= self.max_tokens, "min_tokens", f"<= max_tokens ({self.max_tokens})",
+                   self.min_tokens)
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings", self.stop)
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+               "stop_token_ids", "a list of non-negative integers", self.stop_token_ids)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS),
+                   name, f"None or an integer in [0, {MAX_LOGPROBS}]", value)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def max_stop_str_len(self) -> int:
+        return max((len(s) for s in self.stop), default=0)

@@ -1,0 +1,32 @@
+"""The KV block tensors of one worker and the block copies that run on them."""
+
+from __future__ import annotations
+
+import torch
+
+
+class CacheEngine:
+    """One tensor per layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: str) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.kv_caches = [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+                          for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        element_size = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy block src -> dst in every layer (copy-on-write); all reads happen before any write."""
+        if not pairs:
+            return
+        device = self.kv_caches[0].device
+        src = torch.tensor([s for s, _ in pairs], device=device)
+        dst = torch.tensor([d for _, d in pairs], device=device)
+        for kv_cache in self.kv_caches:
+            kv_cache.index_copy_(1, dst, kv_cache.index_select(1, src))

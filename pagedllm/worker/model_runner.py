@@ -1,0 +1,221 @@
+"""Turn a SchedulerOutput into one flat model batch, run it, sample.
+
+The runner keeps each request's token ids and block table between steps and
+applies the scheduler's deltas; batch tensors are built with numpy, with
+Python work per request, not per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pagedllm.attention.metadata import AttentionMetadata
+from pagedllm.config import ModelConfig
+from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.layers.sampler import SamplingBatch, gather_logprobs, mix_seed, sample
+from pagedllm.loader.model_loader import load_model, torch_dtype
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.cache_engine import CacheEngine
+
+
+@dataclass
+class RequestState:
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling_params: SamplingParams
+    sample_index: int
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+@dataclass
+class ModelInput:
+    request_ids: list[str]
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    metadata: AttentionMetadata
+    sample_request_ids: list[str]  # requests whose last scheduled token gets a sample
+    sample_rows: torch.Tensor  # [S] rows of the flat batch whose hidden states are sampled
+    # request id -> (first target position, hidden-state rows, target token ids)
+    prompt_logprob_rows: dict[str, tuple[int, np.ndarray, np.ndarray]]
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, block_size: int, is_driver: bool = True) -> None:
+        self.model_config = model_config
+        self.block_size = block_size
+        self.is_driver = is_driver
+        self.device = torch.device(model_config.device)
+        self.dtype = torch_dtype(model_config.dtype)
+        self.model: torch.nn.Module | None = None
+        self.cache: CacheEngine | None = None
+        self.requests: dict[str, RequestState] = {}
+        self.vocab_size = model_config.hf_config.vocab_size
+
+    def load_model(self) -> None:
+        self.model = load_model(self.model_config)
+
+    def kv_bytes_per_block(self, num_kv_heads: int) -> int:
+        return CacheEngine.bytes_per_block(self.model_config.num_layers, self.block_size, num_kv_heads,
+                                           self.model_config.head_dim, self.dtype)
+
+    def init_kv_cache(self, num_blocks: int, num_kv_heads: int) -> None:
+        self.cache = CacheEngine(self.model_config.num_layers, num_blocks, self.block_size, num_kv_heads,
+                                 self.model_config.head_dim, self.dtype, self.model_config.device)
+
+    # ---- per-step state -----------------------------------------------------
+
+    def _update_states(self, scheduler_output: SchedulerOutput) -> None:
+        for request_id in scheduler_output.freed_request_ids:
+            self.requests.pop(request_id, None)
+        for new in scheduler_output.new_requests:
+            self.requests[new.request_id] = RequestState(
+                list(new.token_ids), new.num_prompt_tokens, list(new.block_ids), new.num_computed_tokens,
+                new.sampling_params, new.sample_index)
+        for delta in scheduler_output.cached_requests:
+            state = self.requests[delta.request_id]
+            state.token_ids.extend(delta.new_token_ids)
+            state.block_ids[delta.block_table_start:] = delta.new_block_ids
+            state.num_computed_tokens = delta.num_computed_tokens
+
+    def _prepare_inputs(self, scheduler_output: SchedulerOutput) -> ModelInput:
+        request_ids = list(scheduler_output.num_scheduled_tokens)
+        states = [self.requests[r] for r in request_ids]
+        num_requests = len(states)
+        query_lens = np.fromiter(scheduler_output.num_scheduled_tokens.values(), np.int64, num_requests)
+        computed = np.fromiter((s.num_computed_tokens for s in states), np.int64, num_requests)
+        seq_lens = computed + query_lens
+        query_start = np.zeros(num_requests + 1, np.int64)
+        np.cumsum(query_lens, out=query_start[1:])
+        num_tokens = int(query_start[-1])
+        # Position of every token: its request's computed count plus its offset in the chunk.
+        request_of_token = np.repeat(np.arange(num_requests), query_lens)
+        positions = np.arange(num_tokens) - np.repeat(query_start[:-1] - computed, query_lens)
+
+        max_blocks = int(-(-seq_lens.max() // self.block_size))
+        block_table = np.zeros((num_requests, max_blocks), np.int32)
+        input_ids = np.empty(num_tokens, np.int64)
+        sample_request_ids, sample_rows, prompt_logprob_rows = [], [], {}
+        for i, state in enumerate(states):
+            start, end = int(computed[i]), int(seq_lens[i])
+            input_ids[query_start[i]:query_start[i + 1]] = state.token_ids[start:end]
+            num_blocks = -(-end // self.block_size)
+            block_table[i, :num_blocks] = state.block_ids[:num_blocks]
+            if end == len(state.token_ids):
+                sample_request_ids.append(request_ids[i])
+                sample_rows.append(int(query_start[i + 1]) - 1)
+            if state.sampling_params.prompt_logprobs is not None and start < state.num_prompt_tokens:
+                # Targets t in [start+1, min(end, P-1)] are predicted by the hidden state at t-1.
+                targets = np.arange(start + 1, min(end, state.num_prompt_tokens - 1) + 1)
+                rows = query_start[i] + (targets - 1 - start)
+                prompt_logprob_rows[request_ids[i]] = (start, rows, np.asarray(state.token_ids)[targets])
+        slot_mapping = (block_table[request_of_token, positions // self.block_size].astype(np.int64)
+                        * self.block_size + positions % self.block_size)
+
+        device = self.device
+        metadata = AttentionMetadata(
+            query_start_loc=torch.from_numpy(query_start.astype(np.int32)).to(device),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(device),
+            block_table=torch.from_numpy(block_table).to(device),
+            slot_mapping=torch.from_numpy(slot_mapping).to(device),
+            query_lens_np=query_lens, seq_lens_np=seq_lens, block_size=self.block_size)
+        return ModelInput(request_ids, torch.from_numpy(input_ids).to(device), torch.from_numpy(positions).to(device),
+                          metadata, sample_request_ids, torch.tensor(sample_rows, dtype=torch.int64, device=device),
+                          prompt_logprob_rows)
+
+    # ---- the step -----------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        self._update_states(scheduler_output)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput()
+        self.cache.copy_blocks(scheduler_output.blocks_to_copy)
+        model_input = self._prepare_inputs(scheduler_output)
+        hidden_states = self.model(model_input.input_ids, model_input.positions, self.cache.kv_caches,
+                                   model_input.metadata)
+        if not self.is_driver:
+            # Other ranks still join the LM head's collective, then drop the logits.
+            self.model.compute_logits(hidden_states[model_input.sample_rows])
+            return None
+        output = ModelRunnerOutput()
+        self._sample(hidden_states, model_input, output)
+        self._prompt_logprobs(hidden_states, model_input, output)
+        return output
+
+    def _sample(self, hidden_states: torch.Tensor, model_input: ModelInput, output: ModelRunnerOutput) -> None:
+        request_ids = model_input.sample_request_ids
+        logits = self.model.compute_logits(hidden_states[model_input.sample_rows])
+        if not request_ids:
+            return
+        states = [self.requests[r] for r in request_ids]
+        token_ids, raw_logprobs = sample(logits, self._sampling_batch(states))
+        output.sampled_token_ids = dict(zip(request_ids, token_ids.tolist()))
+        rows = [i for i, s in enumerate(states) if s.sampling_params.logprobs is not None]
+        if rows:
+            num_top = max(states[i].sampling_params.logprobs for i in rows)
+            row_index = torch.tensor(rows, device=logits.device)
+            entries = gather_logprobs(raw_logprobs[row_index], token_ids[row_index], num_top)
+            for i, entry in zip(rows, entries):
+                keep = states[i].sampling_params.logprobs + 1
+                entry.token_ids, entry.logprobs, entry.ranks = (
+                    entry.token_ids[:keep], entry.logprobs[:keep], entry.ranks[:keep])
+                output.logprobs[request_ids[i]] = entry
+
+    def _prompt_logprobs(self, hidden_states: torch.Tensor, model_input: ModelInput,
+                         output: ModelRunnerOutput) -> None:
+        for request_id, (start, rows, targets) in model_input.prompt_logprob_rows.items():
+            num_top = self.requests[request_id].sampling_params.prompt_logprobs
+            entries = []
+            if len(rows):
+                logits = self.model.compute_logits(hidden_states[torch.from_numpy(rows).to(self.device)])
+                entries = gather_logprobs(torch.log_softmax(logits, dim=-1),
+                                          torch.from_numpy(targets).to(self.device), num_top)
+            # Position 0 has no prompt logprob: the list starts with None there.
+            output.prompt_logprobs[request_id] = (start, ([None] if start == 0 else []) + entries)
+
+    def _sampling_batch(self, states: list[RequestState]) -> SamplingBatch:
+        device, vocab = self.device, self.vocab_size
+        params = [s.sampling_params for s in states]
+
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        def optional(values, neutral, dtype=torch.float32):
+            return column(values, dtype) if any(v != neutral for v in values) else None
+
+        top_k = [p.top_k or vocab for p in params]
+        penalized = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params)
+        counts = prompt_mask = presence = frequency = repetition = None
+        if penalized:
+            counts = torch.zeros(len(states), vocab, dtype=torch.int32, device=device)
+            prompt_mask = torch.zeros(len(states), vocab, dtype=torch.bool, device=device)
+            for row, state in enumerate(states):
+                outputs = column(state.token_ids[state.num_prompt_tokens:], torch.int64)
+                counts[row].scatter_add_(0, outputs, torch.ones_like(outputs, dtype=torch.int32))
+                prompt_mask[row, column(state.token_ids[:state.num_prompt_tokens], torch.int64)] = True
+            presence = column([p.presence_penalty for p in params]).unsqueeze(1)
+            frequency = column([p.frequency_penalty for p in params]).unsqueeze(1)
+            repetition = column([p.repetition_penalty for p in params]).unsqueeze(1)
+        suppressed = []
+        for row, (state, p) in enumerate(zip(states, params)):
+            if state.num_output_tokens < p.min_tokens:
+                ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p.eos_token_ids))
+                if ids:
+                    suppressed.append((row, ids))
+        return SamplingBatch(
+            temperature=column([p.temperature for p in params]),
+            top_k=optional(top_k, vocab, torch.int64), top_p=optional([p.top_p for p in params], 1.0),
+            min_p=optional([p.min_p for p in params], 0.0),
+            presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
+            output_token_counts=counts, prompt_token_mask=prompt_mask, suppressed_tokens=suppressed,
+            seeds=[None if p.seed is None else mix_seed(p.seed, s.sample_index, s.num_output_tokens)
+                   for s, p in zip(states, params)],
+            num_logprobs=[p.logprobs for p in params])

@@ -1,0 +1,55 @@
+"""Tiny random-weight checkpoints written to disk for tests (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
+# 256 byte tokens + the special ones, rounded up: ids past the tokenizer's are valid but unused.
+TINY_VOCAB_SIZE = 320
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def save_byte_tokenizer(folder: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer without merges: every byte is a token, so any
+    text round-trips and multi-byte characters span several tokens."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def save_tiny_model(folder: str, model_class, config, seed: int = 0) -> torch.nn.Module:
+    """Random weights (scaled up so logits are well separated: no greedy ties),
+    saved as safetensors with a byte tokenizer; returns the HF model in float32."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0, 0.2)
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder)
+    save_byte_tokenizer(folder)
+    return model
+
+
+def hf_greedy(model, prompt_token_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation of one prompt, EOS ignored."""
+    input_ids = torch.tensor([prompt_token_ids])
+    with torch.no_grad():
+        # An explicit mask: otherwise transformers masks prompt tokens equal to the pad id.
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2)
+    return out[0, len(prompt_token_ids):].tolist()
