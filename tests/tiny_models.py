@@ -46,10 +46,13 @@ def save_tiny_model(folder: str, model_class, config, seed: int = 0) -> torch.nn
 
 
 def hf_greedy(model, prompt_token_ids: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' greedy continuation of one prompt, EOS ignored."""
-    input_ids = torch.tensor([prompt_token_ids])
+    """transformers' greedy continuation of one prompt with EOS not special (like
+    ignore_eos): a plain argmax loop over the model's own KV cache, so no
+    generation config can mask or stop on any token."""
+    tokens: list[int] = []
     with torch.no_grad():
-        # An explicit mask: otherwise transformers masks prompt tokens equal to the pad id.
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2)
-    return out[0, len(prompt_token_ids):].tolist()
+        out = model(torch.tensor([prompt_token_ids]), use_cache=True)
+        for _ in range(max_new_tokens):
+            tokens.append(int(out.logits[0, -1].argmax()))
+            out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens

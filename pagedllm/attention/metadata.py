@@ -21,6 +21,7 @@ class AttentionMetadata:
     block_table: torch.Tensor  # [B, max_blocks] int32, padded with 0
     slot_mapping: torch.Tensor  # [T] int64
     # Host copies for kernels that loop or branch on lengths without a device sync.
+    query_start_np: np.ndarray  # [B + 1]
     query_lens_np: np.ndarray  # [B]
     seq_lens_np: np.ndarray  # [B]
     block_size: int

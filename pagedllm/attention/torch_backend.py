@@ -7,6 +7,7 @@ faster kernel is tested against.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -61,16 +62,54 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: 
     return out.permute(2, 0, 1, 3).reshape(num_queries, num_heads, head_dim).to(query.dtype)
 
 
+def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                      seq_lens: torch.Tensor, max_seq_len: int, scale: float) -> torch.Tensor:
+    """One query token per request, all requests at once.
+    query [B, H, D], block_table [B, max_blocks], seq_lens [B] -> [B, H, D]."""
+    num_requests, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    num_blocks = -(-max_seq_len // block_size)
+    context = kv_cache[:, block_table[:, :num_blocks]]  # [2, B, nb, bs, Hkv, D]
+    context = context.view(2, num_requests, num_blocks * block_size, num_kv_heads, head_dim)
+    keys = context[0].permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+    values = context[1].transpose(1, 2)  # [B, Hkv, L, D]
+    q = query.view(num_requests, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.matmul(q, keys) * scale  # [B, Hkv, G, L]
+    padding = torch.arange(num_blocks * block_size, device=query.device) >= seq_lens.unsqueeze(1)
+    scores.masked_fill_(padding[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).view(num_requests, num_heads, head_dim)
+
+
+def attend_each(output: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                request_indices, scale: float, sliding_window: int | None, alibi_slopes: torch.Tensor | None,
+                logits_soft_cap: float | None) -> None:
+    """Writes the output rows of the given requests, one request at a time."""
+    starts, seq_lens = metadata.query_start_np, metadata.seq_lens_np
+    for i in request_indices:
+        key, value = _context(kv_cache, metadata.block_table[i], int(seq_lens[i]))
+        start, end = starts[i], starts[i + 1]
+        output[start:end] = _attend(query[start:end], key, value, scale, sliding_window, alibi_slopes,
+                                    logits_soft_cap)
+
+
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
                     sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
                     logits_soft_cap: float | None = None) -> torch.Tensor:
-    """query [T, H, D] (K/V of these tokens already written) -> output [T, H, D]."""
+    """query [T, H, D] (K/V of these tokens already written) -> output [T, H, D].
+    Without window / ALiBi / soft-cap, single-token (decode) requests are batched
+    into one computation; the others run one request at a time."""
     output = torch.empty_like(query)
-    start = 0
-    for i, (query_len, seq_len) in enumerate(zip(metadata.query_lens_np.tolist(), metadata.seq_lens_np.tolist())):
-        key, value = _context(kv_cache, metadata.block_table[i], seq_len)
-        end = start + query_len
-        output[start:end] = _attend(query[start:end], key, value, scale, sliding_window, alibi_slopes,
-                                    logits_soft_cap)
-        start = end
+    query_lens = metadata.query_lens_np
+    decodes = np.flatnonzero(query_lens == 1)
+    plain = sliding_window is None and alibi_slopes is None and logits_soft_cap is None
+    if not plain or len(decodes) < 2:
+        attend_each(output, query, kv_cache, metadata, range(len(query_lens)), scale, sliding_window,
+                    alibi_slopes, logits_soft_cap)
+        return output
+    rows = torch.from_numpy(metadata.query_start_np[decodes]).to(query.device)
+    index = torch.from_numpy(decodes).to(query.device)
+    output[rows] = _decode_attention(query[rows], kv_cache, metadata.block_table[index], metadata.seq_lens[index],
+                                     int(metadata.seq_lens_np[decodes].max()), scale)
+    attend_each(output, query, kv_cache, metadata, np.flatnonzero(query_lens != 1), scale, None, None, None)
     return output

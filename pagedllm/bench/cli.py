@@ -62,20 +62,20 @@ def describe_workload(args: argparse.Namespace) -> str:
     return source if args.limit is None else f"{source}[:{args.limit}]"
 
 
-def _load_requests(args: argparse.Namespace) -> list[BenchRequest]:
+def load_requests(args: argparse.Namespace) -> list[BenchRequest]:
     try:
         return workload_from_args(args)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from e
 
 
-def _add_output_args(parser: argparse.ArgumentParser) -> None:
+def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", help="name of this run in tables and plots")
     parser.add_argument("--json", metavar="OUT", help="write the result as JSON")
     parser.add_argument("--png", metavar="OUT", help="write a throughput bar chart")
 
 
-def _finish(args: argparse.Namespace, result: dict, title: str, rows: list) -> None:
+def finish_report(args: argparse.Namespace, result: dict, title: str, rows: list) -> None:
     print(format_table(title, rows))
     if args.json:
         write_json(args.json, result)
@@ -83,7 +83,7 @@ def _finish(args: argparse.Namespace, result: dict, title: str, rows: list) -> N
         plot([result], args.png)
 
 
-def _common(args: argparse.Namespace, result: dict) -> None:
+def add_run_info(args: argparse.Namespace, result: dict) -> None:
     result["workload"] = describe_workload(args)
     if args.label:
         result["label"] = args.label
@@ -93,13 +93,13 @@ def _cmd_hf_baseline(args: argparse.Namespace) -> None:
     # Imported here: torch + transformers take seconds to import and `serve` needs neither.
     from pagedllm.bench.hf_baseline import run_hf_baseline
 
-    requests = _load_requests(args)
+    requests = load_requests(args)
     try:
         r = run_hf_baseline(args.model, requests, args.batch_size, args.dtype, args.device)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from e
-    _common(args, r)
-    _finish(args, r, "HF static batching", [
+    add_run_info(args, r)
+    finish_report(args, r, "HF static batching", [
         ("Model", os.path.basename(r["model"])),
         ("Device / dtype", f"{r['device']} / {r['dtype']}"),
         ("Batch size", r["batch_size"]), ("Requests", r["num_requests"]),
@@ -121,15 +121,15 @@ def _latency_rows(r: dict) -> list:
 def _cmd_serve(args: argparse.Namespace) -> None:
     from pagedllm.bench.serve_client import run_serve_benchmark
 
-    requests = _load_requests(args)
+    requests = load_requests(args)
     try:
         r = asyncio.run(run_serve_benchmark(args.base_url, args.model, requests,
                                             args.request_rate, args.max_concurrency,
                                             args.api_key, args.seed))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e
-    _common(args, r)
-    _finish(args, r, "Serving benchmark", [
+    add_run_info(args, r)
+    finish_report(args, r, "Serving benchmark", [
         ("Model", r["model"]), ("Request rate (req/s)", r["request_rate"]),
         ("Max concurrency", r["max_concurrency"]),
         ("Successful requests", r["completed"]), ("Failed requests", r["failed"]),
@@ -158,7 +158,7 @@ def add_bench_subcommands(bench_subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    _add_output_args(p)
+    add_output_args(p)
     p.set_defaults(func=_cmd_hf_baseline)
 
     p = bench_subparsers.add_parser(
@@ -171,7 +171,7 @@ def add_bench_subcommands(bench_subparsers) -> None:
     p.add_argument("--max-concurrency", type=int, metavar="C",
                    help="at most C requests in flight (default: no limit)")
     p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
-    _add_output_args(p)
+    add_output_args(p)
     p.set_defaults(func=_cmd_serve)
 
     p = bench_subparsers.add_parser("plot", help="bar chart comparing saved --json results")

@@ -125,7 +125,7 @@ class ModelRunner:
             seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(device),
             block_table=torch.from_numpy(block_table).to(device),
             slot_mapping=torch.from_numpy(slot_mapping).to(device),
-            query_lens_np=query_lens, seq_lens_np=seq_lens, block_size=self.block_size)
+            query_start_np=query_start, query_lens_np=query_lens, seq_lens_np=seq_lens, block_size=self.block_size)
         return ModelInput(request_ids, torch.from_numpy(input_ids).to(device), torch.from_numpy(positions).to(device),
                           metadata, sample_request_ids, torch.tensor(sample_rows, dtype=torch.int64, device=device),
                           prompt_logprob_rows)

@@ -1,0 +1,117 @@
+"""Paged attention for CPUs: a small C kernel for decode tokens, the reference
+torch backend for the rest.
+
+The C kernel (cpu_decode_attention.c) reads K/V in place from the blocks; the
+torch reference must gather each request's context into new tensors, which
+dominated decode steps. It is compiled once per machine with the system C
+compiler (about a second, no torch headers) and cached; without a compiler the
+torch backend is used. OpenMP comes from the libgomp that torch already
+loaded, so both share one thread pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+import torch
+
+from pagedllm.attention import torch_backend
+from pagedllm.attention.metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+write_kv = torch_backend.write_kv
+
+_SOURCE = os.path.join(os.path.dirname(__file__), "cpu_decode_attention.c")
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+_INT64, _FLOAT = ctypes.c_int64, ctypes.c_float
+
+
+def _cache_dir() -> str:
+    return os.environ.get("PAGEDLLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pagedllm")
+
+
+def _cpu_signature() -> str:
+    """-march=native binaries are only valid on the CPU they were built for."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+@functools.cache
+def load_kernel_library() -> ctypes.CDLL | None:
+    """The compiled kernel, building it on first use; None if it cannot be built."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.warning("no C compiler found: CPU decode attention falls back to plain PyTorch")
+        return None
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
+    library = os.path.join(_cache_dir(), "kernels", key, "libpagedllm_cpu.so")
+    if not os.path.isfile(library):
+        os.makedirs(os.path.dirname(library), exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(library)) as tmp:
+            built = os.path.join(tmp, "lib.so")
+            result = subprocess.run([compiler, *_FLAGS, _SOURCE, "-o", built, "-lm"], capture_output=True, text=True)
+            if result.returncode != 0:
+                logger.warning("building the CPU attention kernel failed, using plain PyTorch:\n%s", result.stderr)
+                return None
+            os.replace(built, library)  # atomic: concurrent builders never see a partial file
+    lib = ctypes.CDLL(library)
+    lib.paged_decode_attention_f32.restype = None
+    return lib
+
+
+def _ptr(tensor: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+def decode_attention(output: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                     rows: np.ndarray, table_rows: np.ndarray, seq_lens: np.ndarray, scale: float,
+                     sliding_window: int | None, alibi_slopes: torch.Tensor | None,
+                     logits_soft_cap: float | None) -> None:
+    """Writes output[rows] for single-token queries. query/output [T, H, D] float32."""
+    lib = load_kernel_library()
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    _, num_blocks, block_size, num_kv_heads, _ = kv_cache.shape
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    table_rows = np.ascontiguousarray(table_rows, dtype=np.int64)
+    seq_lens = np.ascontiguousarray(seq_lens, dtype=np.int64)
+    slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else None
+    lib.paged_decode_attention_f32(
+        _ptr(output), _ptr(query), _ptr(kv_cache), _ptr(block_table),
+        rows.ctypes.data_as(ctypes.c_void_p), table_rows.ctypes.data_as(ctypes.c_void_p),
+        seq_lens.ctypes.data_as(ctypes.c_void_p), _INT64(len(rows)), _INT64(num_blocks),
+        _INT64(block_table.shape[1]), _INT64(block_size), _INT64(num_heads), _INT64(num_kv_heads),
+        _INT64(head_dim), _FLOAT(scale), _INT64(sliding_window or 0), _FLOAT(logits_soft_cap or 0.0),
+        _ptr(slopes) if slopes is not None else None)
+
+
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                    sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
+                    logits_soft_cap: float | None = None) -> torch.Tensor:
+    """Same contract as torch_backend.paged_attention."""
+    decodes = np.flatnonzero(metadata.query_lens_np == 1)
+    usable = (query.dtype == torch.float32 and query.is_contiguous() and query.shape[1] // kv_cache.shape[3] <= 64
+              and len(decodes) and load_kernel_library() is not None)
+    if not usable:
+        return torch_backend.paged_attention(query, kv_cache, metadata, scale, sliding_window, alibi_slopes,
+                                             logits_soft_cap)
+    output = torch.empty_like(query)
+    decode_attention(output, query, kv_cache, metadata.block_table, metadata.query_start_np[decodes], decodes,
+                     metadata.seq_lens_np[decodes], scale, sliding_window, alibi_slopes, logits_soft_cap)
+    torch_backend.attend_each(output, query, kv_cache, metadata, np.flatnonzero(metadata.query_lens_np != 1),
+                              scale, sliding_window, alibi_slopes, logits_soft_cap)
+    return output

@@ -1,0 +1,108 @@
+"""The embedded model through the whole engine against transformers: identical
+greedy tokens whatever the batching, prefix caching, preemption or chunking."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from tests.tiny_models import hf_greedy
+
+NUM_TOKENS = 32
+CHATS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+]
+RAW = [
+    "The quick brown fox",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the river,",
+]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    # A 128-token context keeps the pool small enough to force preemption below.
+    return LLM(dtype="float32", max_model_len=256, num_kv_blocks=256, block_size=16)
+
+
+@pytest.fixture(scope="module")
+def prompts(llm):
+    processor = llm.llm_engine.input_processor
+    token_ids = [processor.tokenize_chat(processor.apply_chat_template([{"role": "user", "content": c}]))
+                 for c in CHATS]
+    token_ids += [processor.tokenize(text)[1] for text in RAW]
+    # Two prompts sharing a long prefix exercise prefix-cache hits.
+    token_ids.append(token_ids[0][:-3] + token_ids[4][:5])
+    return token_ids
+
+
+@pytest.fixture(scope="module")
+def expected(hf_smollm2, prompts):
+    return [hf_greedy(hf_smollm2, ids, NUM_TOKENS) for ids in prompts]
+
+
+def _greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def _assert_all_blocks_free(llm: LLM) -> None:
+    kv = llm.llm_engine.engine_core.scheduler.kv
+    assert kv.num_free_blocks == kv.pool.num_blocks
+    assert not kv.req_to_blocks
+
+
+def test_batch_equals_transformers(llm, prompts, expected):
+    assert _greedy(llm, prompts) == expected
+    _assert_all_blocks_free(llm)
+
+
+def test_one_at_a_time_equals_transformers(llm, prompts, expected):
+    assert [_greedy(llm, [ids])[0] for ids in prompts] == expected
+    _assert_all_blocks_free(llm)
+
+
+def test_prefix_cache_hits_change_nothing(llm, prompts, expected):
+    kv = llm.llm_engine.engine_core.scheduler.kv
+    hits_before = kv.prefix_cache_stats.num_hit_tokens
+    # The blocks of the earlier tests are still cached: this run re-uses them.
+    assert _greedy(llm, prompts) == expected
+    assert kv.prefix_cache_stats.num_hit_tokens > hits_before
+    _assert_all_blocks_free(llm)
+
+
+def _with_engine(llm: LLM, **overrides):
+    """The same loaded model under other scheduler / cache settings."""
+    from pagedllm.core.kv_cache_manager import KVCacheManager
+    from pagedllm.core.scheduler import Scheduler
+
+    core = llm.llm_engine.engine_core
+    old = core.scheduler
+    settings = dict(num_blocks=old.kv.pool.num_blocks, enable_prefix_caching=old.kv.enable_prefix_caching,
+                    max_num_seqs=old.max_num_seqs, max_num_batched_tokens=old.max_num_batched_tokens)
+    settings.update(overrides)
+    kv = KVCacheManager(settings["num_blocks"], old.kv.block_size, settings["enable_prefix_caching"])
+    core.scheduler = Scheduler(kv, settings["max_num_seqs"], settings["max_num_batched_tokens"],
+                               old.max_model_len)
+    return old
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(enable_prefix_caching=False),
+    dict(num_blocks=16),  # 7 requests of up to 4-5 blocks each: preemption
+    dict(max_num_batched_tokens=7),  # prompts chunked over many steps
+    dict(max_num_seqs=2),
+], ids=["no-prefix-cache", "preemption", "chunked-prefill", "two-at-a-time"])
+def test_scheduling_settings_do_not_change_tokens(llm, prompts, expected, overrides):
+    old = _with_engine(llm, **overrides)
+    try:
+        assert _greedy(llm, prompts) == expected
+        scheduler = llm.llm_engine.engine_core.scheduler
+        if "num_blocks" in overrides:
+            assert scheduler.num_preemptions_total > 0
+        _assert_all_blocks_free(llm)
+    finally:
+        llm.llm_engine.engine_core.scheduler = old
