@@ -27,7 +27,7 @@ void paged_decode_attention_f32(
     const int64_t block_stride = block_size * token_stride;
     const float *value_cache = kv_cache + num_blocks * block_stride;
 
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (num_requests * num_kv_heads >= 8)
     for (int64_t item = 0; item < num_requests * num_kv_heads; ++item) {
         const int64_t req = item / num_kv_heads, kv_head = item % num_kv_heads;
         const int64_t seq_len = seq_lens[req], query_pos = seq_len - 1;
