@@ -24,6 +24,12 @@ DEFAULT_CPU_KV_BYTES = 4 << 30
 DEFAULT_GPU_KV_FRACTION = 0.9
 
 
+def cache_dir() -> str:
+    """Where pagedllm keeps what it derives once per machine (converted GGUF
+    configs, tokenizers and weights, compiled kernels)."""
+    return os.environ.get("PAGEDLLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pagedllm")
+
+
 def resolve_model_path(model: str | None) -> str:
     """An alias, a Hugging Face model folder or a .gguf file -> an existing path."""
     model = model or DEFAULT_MODEL_ALIAS

@@ -26,6 +26,7 @@ import torch
 
 from pagedllm.attention import torch_backend
 from pagedllm.attention.metadata import AttentionMetadata
+from pagedllm.config import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +35,6 @@ write_kv = torch_backend.write_kv
 _SOURCE = os.path.join(os.path.dirname(__file__), "cpu_decode_attention.c")
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 _INT64, _FLOAT = ctypes.c_int64, ctypes.c_float
-
-
-def _cache_dir() -> str:
-    return os.environ.get("PAGEDLLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pagedllm")
 
 
 def _cpu_signature() -> str:
@@ -59,7 +56,7 @@ def load_kernel_library() -> ctypes.CDLL | None:
     with open(_SOURCE, "rb") as f:
         source = f.read()
     key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
-    library = os.path.join(_cache_dir(), "kernels", key, "libpagedllm_cpu.so")
+    library = os.path.join(cache_dir(), "kernels", key, "libpagedllm_cpu.so")
     if not os.path.isfile(library):
         os.makedirs(os.path.dirname(library), exist_ok=True)
         with tempfile.TemporaryDirectory(dir=os.path.dirname(library)) as tmp:
