@@ -95,4 +95,9 @@ class InputProcessor:
                              f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the prompt, "
                              f"{max_tokens} for the completion). Please reduce the length of the prompt "
                              f"or max_tokens.")
-        return dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids must be token ids below the vocabulary size {self.vocab_size}, "
+                             f"got {bad[0]}")
+        # A top_k past the vocabulary keeps every token, as top_k=0 does (and fits an int64 tensor).
+        return dataclasses.replace(params, eos_token_ids=self.eos_token_ids, top_k=min(params.top_k, self.vocab_size))

@@ -1,0 +1,246 @@
+"""`pagedllm serve`: the OpenAI-compatible HTTP server (FastAPI app, errors, API key,
+start-up and shutdown)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pagedllm import __version__
+from pagedllm.config import DEFAULT_MODEL_ALIAS
+from pagedllm.engine.async_engine import AsyncLLMEngine
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.entrypoints.cli import add_engine_args, engine_kwargs
+from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                                  CompletionResponse, DetokenizeRequest, DetokenizeResponse,
+                                                  ErrorInfo, ErrorResponse, ModelList, TokenizeRequest,
+                                                  TokenizeResponse, VersionResponse)
+from pagedllm.entrypoints.openai.serving import ApiError, OpenAIServing
+from pagedllm.metrics import EngineMetrics
+
+logger = logging.getLogger(__name__)
+
+STATS_LOG_INTERVAL_S = 10.0
+# After SIGINT/SIGTERM, connections still open after this long are cut.
+GRACEFUL_SHUTDOWN_S = 5
+DEFAULT_MAX_WAITING_REQUESTS = 1024
+_ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 503)}
+
+
+def _error_response(status: int, info: ErrorInfo, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is OpenAI's JSON; client mistakes are 400, never 422 or 500."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        return _error_response(error.status, error.info, error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        if first["type"] == "json_invalid":
+            return _error_response(400, ErrorInfo(message="the request body is not valid JSON",
+                                                  type="invalid_request_error"))
+        param = ".".join(str(part) for part in first["loc"] if part != "body") or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        return _error_response(400, ErrorInfo(message=message, type="invalid_request_error", param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _error_response(error.status_code, ErrorInfo(message=str(error.detail), type="invalid_request_error"),
+                               error.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, error: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return _error_response(500, ErrorInfo(message="internal server error", type="server_error"))
+
+
+class ApiKeyMiddleware:
+    """Requires `Authorization: Bearer KEY` on /v1/* (a plain ASGI middleware: it
+    leaves streaming and disconnect detection untouched)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = Headers(scope=scope).get("authorization", "").encode()
+            if not hmac.compare_digest(given, self.expected):
+                info = ErrorInfo(message="invalid or missing API key (Authorization: Bearer KEY)",
+                                 type="invalid_request_error", code="invalid_api_key")
+                await _error_response(401, info)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body is already read, so the next ASGI message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _respond(request: Request, work: Awaitable[BaseModel | AsyncIterator[str]]) -> Response:
+    """Run a handler; if the client leaves first, cancel it (which aborts its engine
+    requests and frees their blocks). A stream is then watched by StreamingResponse."""
+    task = asyncio.ensure_future(work)
+    disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait([task, disconnect], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return Response(status_code=499)  # nobody is listening
+    result = task.result()
+    if isinstance(result, BaseModel):
+        return Response(result.model_dump_json(), media_type="application/json")
+    return StreamingResponse(result, media_type="text/event-stream")
+
+
+def build_app(serving: OpenAIServing, metrics: EngineMetrics, api_key: str | None = None) -> FastAPI:
+    engine = serving.engine
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        engine.start()
+        stats_logger = asyncio.create_task(_log_stats_periodically(metrics))
+        try:
+            yield
+        finally:
+            stats_logger.cancel()
+            await engine.shutdown()
+
+    app = FastAPI(title="pagedllm", version=__version__, lifespan=lifespan)
+    _add_error_handlers(app)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if engine.is_healthy else 503)
+
+    @app.get("/version")
+    async def version() -> VersionResponse:
+        return VersionResponse(version=__version__)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", responses=_ERROR_RESPONSES)
+    async def models() -> ModelList:
+        return serving.models()
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await _respond(request, serving.create_completion(body))
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await _respond(request, serving.create_chat_completion(body))
+
+    @app.post("/tokenize", responses=_ERROR_RESPONSES)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        return serving.tokenize(body)
+
+    @app.post("/detokenize", responses=_ERROR_RESPONSES)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return serving.detokenize(body)
+
+    return app
+
+
+async def _log_stats_periodically(metrics: EngineMetrics) -> None:
+    while True:
+        await asyncio.sleep(STATS_LOG_INTERVAL_S)
+        metrics.log_stats()
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """--chat-template: the Jinja template itself, or a file holding it."""
+    if value is None or "{" in value:
+        return value
+    try:
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    except OSError as error:
+        raise ValueError(f"--chat-template {value!r} is neither a Jinja template nor a readable file "
+                         f"({error.strerror})") from None
+
+
+class _Server(uvicorn.Server):
+    """On SIGINT/SIGTERM, fails in-flight requests at once (streams end with an error
+    event) so that open connections close now rather than at the graceful timeout."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig: int, frame) -> None:
+        super().handle_exit(sig, frame)
+        self.engine.fail_all_threadsafe("the server is shutting down")
+
+
+def run_server(args: argparse.Namespace) -> int:
+    chat_template = load_chat_template(args.chat_template)
+    if args.max_waiting_requests < 1:
+        raise ValueError(f"--max-waiting-requests must be >= 1, got {args.max_waiting_requests}")
+    engine = LLMEngine.from_args(**engine_kwargs(args))
+    model_name = args.served_model_name or args.model or DEFAULT_MODEL_ALIAS
+    metrics = EngineMetrics(model_name)
+    serving = OpenAIServing(AsyncLLMEngine(engine, metrics.observe), model_name, chat_template,
+                            args.max_waiting_requests)
+    app = build_app(serving, metrics, args.api_key)
+    config, core = engine.config, engine.engine_core
+    logger.info("serving %s (%s, %s, max_model_len %d); KV pool: %d blocks x %d = %d tokens, %.3f GiB; "
+                "http://%s:%d/v1%s", model_name, config.model.path, config.model.dtype, config.model.max_model_len,
+                core.num_blocks, config.cache.block_size, core.num_blocks * config.cache.block_size,
+                core.kv_cache_bytes / 2**30, args.host, args.port, " (API key required)" if args.api_key else "")
+    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S), serving.engine)
+    # uvicorn handles SIGINT/SIGTERM, shuts down, then re-raises the signal; by then
+    # all is closed, so the re-raised signal must not kill the process or print a trace.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    return 0 if server.started else 1
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    add_engine_args(parser)
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--api-key", default=os.environ.get("PAGEDLLM_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1/* (default: $PAGEDLLM_API_KEY)")
+    group.add_argument("--served-model-name", default=None,
+                       help="the model name clients use (default: MODEL as given, or the default alias)")
+    group.add_argument("--chat-template", default=None,
+                       help="Jinja chat template, or a file holding it (default: the tokenizer's)")
+    group.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
+                       help="answer 503 with Retry-After while this many requests wait to be scheduled")
+    parser.set_defaults(func=run_server)

@@ -1,0 +1,329 @@
+"""The logic behind the OpenAI endpoints: requests -> engine requests -> responses.
+
+Every request is checked before anything is queued (model name, load, sampling
+fields, prompt limits) so that a bad one fails with a 400 before a stream starts.
+The engine always streams deltas: streaming responses forward them as SSE chunks,
+the others fold them into one final output per prompt.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import aclosing
+
+import jinja2
+from pydantic import BaseModel
+
+from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineRequest
+from pagedllm.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
+                                                  ChatCompletionResponse, ChatLogprob, ChatLogprobs,
+                                                  ChatLogprobToken, ChatMessage, ChatResponseMessage,
+                                                  ChatStreamChoice, CompletionChoice, CompletionLogprobs,
+                                                  CompletionRequest, CompletionResponse, DeltaMessage,
+                                                  DetokenizeRequest, DetokenizeResponse, ErrorInfo, ErrorResponse,
+                                                  ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+                                                  UsageInfo)
+from pagedllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+# JSON has no -inf; OpenAI-compatible servers clamp to this.
+MIN_LOGPROB = -9999.0
+RETRY_AFTER_S = 1
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's error JSON with this HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.headers = status, headers
+        self.info = ErrorInfo(message=message, type=type_, param=param, code=code)
+
+
+def bad_request(error: Exception, request: BaseModel | None = None) -> ApiError:
+    """A 400 from a ValueError; SamplingParams' messages start with the field's name."""
+    message = str(error)
+    name = message.split(" ", 1)[0]
+    param = name if request is not None and name in type(request).model_fields else None
+    return ApiError(400, message, param=param)
+
+
+def _sse(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB) if not math.isnan(logprob) else MIN_LOGPROB
+
+
+def _merge(final: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Fold a streamed delta into the output accumulated so far (deltas are fresh objects)."""
+    if final is None:
+        return delta
+    samples = {sample.index: sample for sample in final.outputs}
+    for part in delta.outputs:
+        sample = samples.get(part.index)
+        if sample is None:
+            final.outputs.append(part)
+            continue
+        sample.text += part.text
+        sample.token_ids += part.token_ids
+        if part.logprobs:
+            sample.logprobs = (sample.logprobs or []) + part.logprobs
+        sample.cumulative_logprob, sample.finish_reason, sample.stop_reason = (
+            part.cumulative_logprob, part.finish_reason, part.stop_reason)
+    final.finished, final.prompt_logprobs = delta.finished, delta.prompt_logprobs
+    final.num_generated_tokens = delta.num_generated_tokens
+    return final
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None,
+                 max_waiting_requests: int) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.chat_template = chat_template
+        self.max_waiting_requests = max_waiting_requests
+        self.processor = engine.engine.input_processor
+        self.tokenizer = engine.engine.tokenizer
+        self.created = int(time.time())
+
+    # ---- small endpoints ---------------------------------------------------------------
+
+    def models(self) -> ModelList:
+        card = ModelCard(id=self.model_name, created=self.created, max_model_len=self.processor.max_model_len)
+        return ModelList(data=[card])
+
+    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        self._check_model(request.model)
+        try:
+            if request.messages is not None:
+                _, token_ids = self._chat_prompt(request.messages, request.add_generation_prompt)
+            else:
+                token_ids = self.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens).input_ids
+        except ValueError as error:
+            raise bad_request(error, request) from None
+        return TokenizeResponse(count=len(token_ids), max_model_len=self.processor.max_model_len, tokens=token_ids)
+
+    def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        self._check_model(request.model)
+        vocab_size = self.processor.vocab_size
+        if not all(0 <= token_id < vocab_size for token_id in request.tokens):
+            raise ApiError(400, f"token ids must be in [0, {vocab_size})", param="tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(request.tokens))
+
+    # ---- completions --------------------------------------------------------------------
+
+    async def create_completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+        self._admit(request.model)
+        response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        try:
+            prompts = self._completion_prompts(request.prompt)
+            # Echoing logprobs needs the prompt tokens' logprobs too.
+            prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
+            params = request.sampling_params(request.max_tokens, request.logprobs, prompt_logprobs)
+            requests = self._engine_requests(response_id, prompts, params)
+        except ValueError as error:
+            raise bad_request(error, request) from None
+
+        def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionResponse:
+            return CompletionResponse(id=response_id, created=created, model=self.model_name, choices=choices,
+                                      usage=usage)
+
+        if request.stream:
+            prompt_index = {r.request_id: i for i, r in enumerate(requests)}
+            offsets: dict[int, int] = {}
+
+            def to_chunks(delta: RequestOutput) -> Iterable[CompletionResponse]:
+                i = prompt_index[delta.request_id]
+                for sample in delta.outputs:
+                    yield chunk([self._completion_choice(request, requests[i], delta, sample, i, offsets)])
+
+            usage_chunk = (lambda usage: chunk([], usage)) if request.include_usage else None
+            return self._stream(requests, to_chunks, usage_chunk)
+        finals = await self._generate_all(requests)
+        choices = [self._completion_choice(request, requests[i], final, sample, i, {})
+                   for i, final in enumerate(finals) for sample in sorted(final.outputs, key=lambda s: s.index)]
+        return chunk(choices, self._usage(requests, sum(f.num_generated_tokens for f in finals)))
+
+    def _completion_prompts(self, prompt: str | list) -> list[tuple[str | None, list[int]]]:
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        return [self.processor.tokenize(p if isinstance(p, str) else {"prompt_token_ids": p}) for p in prompt]
+
+    def _completion_choice(self, request: CompletionRequest, prompt: EngineRequest, output: RequestOutput,
+                           sample: CompletionOutput, prompt_index: int, offsets: dict[int, int]) -> CompletionChoice:
+        """One choice (or a stream's chunk of it); `offsets` holds the characters already
+        sent per choice: the first chunk of a choice carries the echoed prompt."""
+        index = prompt_index * request.n + sample.index
+        text, token_ids, positions = sample.text, sample.token_ids, sample.logprobs or []
+        if request.echo and index not in offsets:
+            prompt_text = prompt.prompt if prompt.prompt is not None else self.tokenizer.decode(prompt.prompt_token_ids)
+            text, token_ids = prompt_text + text, prompt.prompt_token_ids + token_ids
+            positions = (output.prompt_logprobs or []) + positions
+        offset = offsets.get(index, 0)
+        offsets[index] = offset + len(text)
+        logprobs = None if request.logprobs is None else self._completion_logprobs(token_ids, positions, offset)
+        return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=sample.finish_reason,
+                                stop_reason=sample.stop_reason)
+
+    def _completion_logprobs(self, token_ids: list[int], positions: list[PositionLogprobs | None],
+                             offset: int) -> CompletionLogprobs:
+        result = CompletionLogprobs()
+        for token_id, position in zip(token_ids, positions):
+            chosen = position.get(token_id) if position else None
+            token = self._token_text(token_id, chosen)
+            result.tokens.append(token)
+            result.text_offset.append(offset)
+            offset += len(token)
+            result.token_logprobs.append(None if chosen is None else _finite(chosen.logprob))
+            result.top_logprobs.append(None if position is None else {
+                self._token_text(i, logprob): _finite(logprob.logprob) for i, logprob in position.items()})
+        return result
+
+    # ---- chat completions -----------------------------------------------------------------
+
+    async def create_chat_completion(self, request: ChatCompletionRequest
+                                     ) -> ChatCompletionResponse | AsyncIterator[str]:
+        self._admit(request.model)
+        response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        try:
+            if request.top_logprobs is not None and not request.logprobs:
+                raise ValueError("top_logprobs needs logprobs set to true")
+            num_top = (request.top_logprobs or 0) if request.logprobs else None
+            max_tokens = request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens
+            params = request.sampling_params(max_tokens, num_top)
+            prompt = self._chat_prompt(request.messages, request.add_generation_prompt)
+            requests = self._engine_requests(response_id, [prompt], params)
+        except ValueError as error:
+            raise bad_request(error, request) from None
+
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=response_id, created=created, model=self.model_name, choices=choices,
+                                       usage=usage)
+
+        if request.stream:
+            # As OpenAI: each choice opens with a delta that carries only the role.
+            opening = [chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+                       for i in range(request.n)]
+
+            def to_chunks(delta: RequestOutput) -> Iterable[ChatCompletionChunk]:
+                for sample in delta.outputs:
+                    yield chunk([ChatStreamChoice(
+                        index=sample.index, delta=DeltaMessage(content=sample.text),
+                        logprobs=self._chat_logprobs(sample, num_top), finish_reason=sample.finish_reason,
+                        stop_reason=sample.stop_reason)])
+
+            usage_chunk = (lambda usage: chunk([], usage)) if request.include_usage else None
+            return self._stream(requests, to_chunks, usage_chunk, opening)
+        finals = await self._generate_all(requests)
+        choices = [ChatChoice(index=sample.index, message=ChatResponseMessage(content=sample.text),
+                              logprobs=self._chat_logprobs(sample, num_top), finish_reason=sample.finish_reason,
+                              stop_reason=sample.stop_reason)
+                   for sample in sorted(finals[0].outputs, key=lambda s: s.index)]
+        return ChatCompletionResponse(id=response_id, created=created, model=self.model_name, choices=choices,
+                                      usage=self._usage(requests, sum(f.num_generated_tokens for f in finals)))
+
+    def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> tuple[str, list[int]]:
+        """Messages through the chat template -> (text, token ids). Raises ValueError."""
+        conversation = []
+        for message in messages:
+            entry = message.model_dump(exclude_none=True)
+            if isinstance(message.content, list):
+                if any(part.type != "text" or part.text is None for part in message.content):
+                    raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+                entry["content"] = "\n".join(part.text for part in message.content)
+            conversation.append(entry)
+        try:
+            text = self.processor.apply_chat_template(conversation, self.chat_template, add_generation_prompt)
+        except (jinja2.TemplateError, TypeError) as error:
+            # Templates reject conversations they cannot render (roles out of order, ...).
+            raise ValueError(f"the chat template failed on these messages: {error}") from None
+        return text, self.processor.tokenize_chat(text)
+
+    def _chat_logprobs(self, sample: CompletionOutput, num_top: int | None) -> ChatLogprobs | None:
+        if num_top is None:
+            return None
+        content = []
+        for token_id, position in zip(sample.token_ids, sample.logprobs or []):
+            top = sorted((item for item in position.items() if item[1].rank <= num_top), key=lambda i: i[1].rank)
+            content.append(ChatLogprobToken(**self._chat_logprob(token_id, position[token_id]).model_dump(),
+                                            top_logprobs=[self._chat_logprob(*item) for item in top]))
+        return ChatLogprobs(content=content)
+
+    def _chat_logprob(self, token_id: int, logprob: Logprob) -> ChatLogprob:
+        token = self._token_text(token_id, logprob)
+        return ChatLogprob(token=token, logprob=_finite(logprob.logprob), bytes=list(token.encode()))
+
+    # ---- shared -------------------------------------------------------------------------------
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+    def _admit(self, model: str | None) -> None:
+        """Refuse early: unknown model, dead engine, or a full waiting queue."""
+        self._check_model(model)
+        if not self.engine.is_healthy:
+            raise ApiError(503, "the engine is not running", type_="server_error")
+        if self.engine.num_waiting >= self.max_waiting_requests:
+            raise ApiError(503, f"the server is overloaded: {self.max_waiting_requests} requests are already "
+                                "waiting; retry later", type_="server_error", code="overloaded",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def _engine_requests(self, response_id: str, prompts: list[tuple[str | None, list[int]]],
+                         params: SamplingParams) -> list[EngineRequest]:
+        """Validate every prompt (ValueError in vLLM's words) before any is queued."""
+        arrival_time = time.monotonic()
+        return [EngineRequest(f"{response_id}-{i}", text, token_ids, self.processor.validate(token_ids, params),
+                              arrival_time)
+                for i, (text, token_ids) in enumerate(prompts)]
+
+    def _token_text(self, token_id: int, logprob: Logprob | None) -> str:
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return self.tokenizer.decode([token_id])
+
+    @staticmethod
+    def _usage(requests: list[EngineRequest], num_generated: int) -> UsageInfo:
+        return UsageInfo.of(sum(len(r.prompt_token_ids) for r in requests), num_generated)
+
+    async def _generate_all(self, requests: list[EngineRequest]) -> list[RequestOutput]:
+        """Run to the end; the final output of each request, in request order."""
+        finals: dict[str, RequestOutput] = {}
+        try:
+            async with aclosing(self.engine.generate(requests)) as deltas:
+                async for delta in deltas:
+                    finals[delta.request_id] = _merge(finals.get(delta.request_id), delta)
+        except EngineDeadError as error:
+            raise ApiError(503, str(error), type_="server_error") from None
+        except ValueError as error:
+            raise bad_request(error) from None
+        return [finals[r.request_id] for r in requests]
+
+    async def _stream(self, requests: list[EngineRequest], to_chunks: Callable[[RequestOutput], Iterable[BaseModel]],
+                      usage_chunk: Callable[[UsageInfo], BaseModel] | None,
+                      opening: Iterable[BaseModel] = ()) -> AsyncIterator[str]:
+        """SSE lines as OpenAI sends them; errors after the start become an error event."""
+        num_generated: dict[str, int] = {}
+        try:
+            for chunk in opening:
+                yield _sse(chunk)
+            async with aclosing(self.engine.generate(requests)) as deltas:
+                async for delta in deltas:
+                    num_generated[delta.request_id] = delta.num_generated_tokens
+                    for chunk in to_chunks(delta):
+                        yield _sse(chunk)
+            if usage_chunk is not None:
+                yield _sse(usage_chunk(self._usage(requests, sum(num_generated.values()))))
+        except EngineDeadError as error:
+            yield _sse(ErrorResponse(error=ErrorInfo(message=str(error), type="server_error")))
+        except ValueError as error:
+            yield _sse(ErrorResponse(error=bad_request(error).info))
+        yield "data: [DONE]\n\n"
