@@ -153,7 +153,17 @@ class OutputProcessor:
             piece = sample.decoder.step(self._backend, token_id)
             if piece:
                 sample.text += piece
+        if sample.finish_reason is not None:
+            self._flush_incomplete_character(sample, stopped_by_token)
         return self._check_stop_strings(sample, previous_len)
+
+    def _flush_incomplete_character(self, sample: SampleState, stopped_by_token: bool) -> None:
+        """The stream holds back bytes of a character not yet complete; at the end
+        they will never complete, so emit what a full decode shows for them (U+FFFD)."""
+        token_ids = sample.token_ids[:-1] if stopped_by_token else sample.token_ids
+        full = self.tokenizer.decode(token_ids, skip_special_tokens=sample.params.skip_special_tokens)
+        if len(full) > len(sample.text) and full.startswith(sample.text):
+            sample.text = full
 
     def _check_stop_strings(self, sample: SampleState, previous_len: int) -> bool:
         params = sample.params
