@@ -37,13 +37,20 @@ class PrefixCacheStats:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # Set when every attention layer sees only this many recent tokens: blocks
+        # wholly before the window go back to the pool while the request runs.
+        self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.req_to_blocks: dict[str, list[Block]] = {}
         # How many leading blocks of each request are registered in the prefix cache.
         self._num_cached_blocks: dict[str, int] = {}
+        # How many leading blocks of each request were given back as out of the window.
+        # Their ids stay in the block table (never read: attention masks them).
+        self._num_released_blocks: dict[str, int] = {}
         self.prefix_cache_stats = PrefixCacheStats()
 
     @property
@@ -85,9 +92,11 @@ class KVCacheManager:
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         num_blocks_after = cdiv(num_computed + num_new_tokens, self.block_size)
         num_fresh = max(0, num_blocks_after - len(blocks) - len(computed_blocks))
-        # Writing into a partial block that another request also holds: copy it first.
+        # Writing into a block that another request also holds, or that the prefix cache
+        # serves (a fork recomputing the last token of a full block): copy it first.
         needs_copy = (num_new_tokens > 0 and num_computed % self.block_size != 0
-                      and not computed_blocks and blocks[-1].ref_count > 1)
+                      and not computed_blocks
+                      and (blocks[-1].ref_count > 1 or blocks[-1].block_hash is not None))
         num_revived = sum(1 for block in computed_blocks if block.ref_count == 0)
         if num_fresh + needs_copy > self.pool.num_free_blocks - num_revived:
             return None
@@ -127,10 +136,23 @@ class KVCacheManager:
         self.pool.share(shared)
         self.req_to_blocks[child.request_id] = list(shared)
 
+    def release_out_of_window_blocks(self, request: Request) -> None:
+        """Give back the blocks no future query can attend to: the next query is at
+        position num_computed_tokens and sees keys after it minus the window."""
+        blocks = self.req_to_blocks.get(request.request_id)
+        if not self.sliding_window or blocks is None:
+            return
+        num_unneeded = max(0, request.num_computed_tokens - self.sliding_window + 1) // self.block_size
+        start = self._num_released_blocks.get(request.request_id, 0)
+        if num_unneeded > start:
+            self.pool.free(list(reversed(blocks[start:num_unneeded])))
+            self._num_released_blocks[request.request_id] = num_unneeded
+
     def free(self, request: Request) -> None:
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self._num_cached_blocks.pop(request.request_id, None)
-        self.pool.free(list(reversed(blocks)))
+        num_released = self._num_released_blocks.pop(request.request_id, 0)
+        self.pool.free(list(reversed(blocks[num_released:])))
 
     def num_unfilled_slots(self, requests: list[Request]) -> int:
         """Allocated slots that hold no computed token (internal fragmentation)."""

@@ -111,6 +111,11 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
             allocation = self.kv.allocate_slots(request, num_new)
             while allocation is None:
+                if len(self.running) == 1 and self._unfork_waiting():
+                    # Alone and about to preempt itself: blocks pinned by forked siblings
+                    # waiting go back first (else it is re-admitted and preempted forever).
+                    allocation = self.kv.allocate_slots(request, num_new)
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim, output)
                 preempted = True
@@ -202,6 +207,7 @@ class Scheduler:
             token_id = runner_output.sampled_token_ids.get(request_id)
             if token_id is None:
                 self.kv.cache_full_blocks(request)
+                self.kv.release_out_of_window_blocks(request)
                 if prompt_logprobs:
                     outputs.append(EngineCoreOutput(request_id, [], new_prompt_logprobs=prompt_logprobs,
                                                     prompt_logprobs_start=prompt_start,
@@ -210,6 +216,7 @@ class Scheduler:
             request.append_output_token(token_id)
             self.kv.cache_full_blocks(request)
             self._fork_pending_siblings(request)
+            self.kv.release_out_of_window_blocks(request)
             status = check_stop(request, self.max_model_len)
             logprobs = runner_output.logprobs.get(request_id)
             outputs.append(EngineCoreOutput(

@@ -14,17 +14,35 @@ logger = logging.getLogger(__name__)
 
 
 def create_executor(config: EngineConfig):
-    if config.parallel.tensor_parallel_size == 1:
+    world_size = config.parallel.tensor_parallel_size
+    if world_size == 1:
         from pagedllm.executor.uniproc import UniprocExecutor
 
         return UniprocExecutor(config.model, config.cache)
-    raise ValueError("tensor_parallel_size > 1 is not available yet in this build")
+    if config.parallel.distributed_executor_backend == "ray":
+        from pagedllm.executor.ray_executor import RayExecutor
+
+        return RayExecutor(config.model, config.cache, world_size)
+    from pagedllm.executor.multiproc import MultiprocExecutor
+
+    return MultiprocExecutor(config.model, config.cache, world_size)
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.executor = create_executor(config)
+        try:
+            self._init_kv_cache(config)
+        except BaseException:
+            self.executor.shutdown()  # worker processes must not outlive a failed start
+            raise
+        kv_cache_manager = KVCacheManager(self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
+                                          self.executor.attention_window())
+        self.scheduler = Scheduler(kv_cache_manager, config.scheduler.max_num_seqs,
+                                   config.scheduler.max_num_batched_tokens, config.model.max_model_len)
+
+    def _init_kv_cache(self, config: EngineConfig) -> None:
         block_size = config.cache.block_size
         num_blocks = self.executor.determine_num_blocks()
         max_model_len = config.model.max_model_len
@@ -41,9 +59,6 @@ class EngineCore:
         self.kv_cache_bytes = num_blocks * bytes_per_block
         logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.3f GiB (%s)", num_blocks, block_size,
                     num_blocks * block_size, self.kv_cache_bytes / 2**30, config.model.dtype)
-        kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(kv_cache_manager, config.scheduler.max_num_seqs,
-                                   config.scheduler.max_num_batched_tokens, max_model_len)
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)

@@ -16,6 +16,11 @@ class UniprocExecutor:
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()
 
+    def attention_window(self) -> int | None:
+        """The model's sliding window when all layers share it (lets the KV
+        manager free blocks that fall out of it)."""
+        return self.worker.attention_window()
+
     def bytes_per_block(self) -> int:
         return self.worker.bytes_per_block()
 

@@ -15,6 +15,7 @@ import torch
 from pagedllm.attention.metadata import AttentionMetadata
 from pagedllm.config import ModelConfig
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.layers.attention import Attention
 from pagedllm.layers.sampler import SamplingBatch, gather_logprobs, mix_seed, sample
 from pagedllm.loader.model_loader import load_model, torch_dtype
 from pagedllm.sampling_params import SamplingParams
@@ -61,6 +62,11 @@ class ModelRunner:
 
     def load_model(self) -> None:
         self.model = load_model(self.model_config)
+
+    def attention_window(self) -> int | None:
+        """The sliding window if every attention layer has the same one, else None."""
+        windows = {m.sliding_window for m in self.model.modules() if isinstance(m, Attention)}
+        return windows.pop() if len(windows) == 1 else None
 
     def kv_bytes_per_block(self, num_kv_heads: int) -> int:
         return CacheEngine.bytes_per_block(self.model_config.num_layers, self.block_size, num_kv_heads,

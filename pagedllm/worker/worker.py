@@ -31,7 +31,8 @@ class Worker:
         if self.world_size > 1:
             backend = "nccl" if self.model_config.device == "cuda" else "gloo"
             if self.model_config.device == "cuda":
-                torch.cuda.set_device(self.rank)
+                # A Ray actor sees only its own GPU; worker processes on one host see them all.
+                torch.cuda.set_device(self.rank % torch.cuda.device_count())
             torch.distributed.init_process_group(backend, init_method=self.distributed_init_method,
                                                  rank=self.rank, world_size=self.world_size)
         set_tensor_parallel_group(self.rank, self.world_size)
@@ -39,6 +40,9 @@ class Worker:
 
     def load_model(self) -> None:
         self.runner.load_model()
+
+    def attention_window(self) -> int | None:
+        return self.runner.attention_window()
 
     def bytes_per_block(self) -> int:
         return self.runner.kv_bytes_per_block(self.num_kv_heads)

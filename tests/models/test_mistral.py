@@ -4,6 +4,8 @@ import pytest
 from transformers import MistralConfig
 from transformers import MistralForCausalLM as HFMistral
 
+from pagedllm import SamplingParams
+from tests.tiny_models import hf_greedy
 from tests.models.helpers import (BLOCK_SIZE, MAX_BATCHED_TOKENS, PROMPT_LENGTHS, assert_matches_reference,
                                   make_llm, make_prompts, save_hf_model, tiny_kwargs)
 
@@ -32,3 +34,21 @@ def test_batch_of_one(mistral):
 def test_mixed_batch(mistral):
     llm, reference = mistral
     assert_matches_reference(llm, reference, make_prompts(seed=1))
+
+
+def test_blocks_outside_the_window_are_freed(mistral):
+    llm, reference = mistral
+    engine = llm.llm_engine
+    kv = engine.engine_core.scheduler.kv
+    assert kv.sliding_window == SLIDING_WINDOW
+    prompt = list(range(5, 5 + 21))
+    engine.add_request("long", prompt, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+    peak, tokens = 0, []
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            tokens = output.outputs[0].token_ids
+        peak = max(peak, kv.pool.num_blocks - kv.num_free_blocks)
+    # 81 tokens would hold 21 blocks; with the window only ~window / block_size + 2 stay held.
+    assert peak <= SLIDING_WINDOW // BLOCK_SIZE + 3
+    assert tokens == hf_greedy(reference, prompt, 60)
+    assert kv.num_free_blocks == kv.pool.num_blocks
