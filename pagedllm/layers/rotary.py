@@ -6,6 +6,8 @@ gathered by position each step. Supported scalings: default, linear, llama3.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 
 import torch
@@ -63,3 +65,16 @@ class RotaryEmbedding(nn.Module):
         rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
         out = rot * cos + rotated_half * sin
         return torch.cat((out, passthrough), dim=-1) if passthrough.numel() else out
+
+
+def get_rotary_embedding(head_dim: int, max_position: int, base: float, scaling: dict | None = None,
+                         rotary_dim: int | None = None) -> RotaryEmbedding:
+    """One shared module per distinct configuration: every layer of a model uses
+    the same cos/sin tables (30 copies of [max_position, dim] cost seconds and MBs)."""
+    return _cached_rotary(head_dim, max_position, base, json.dumps(scaling, sort_keys=True), rotary_dim,
+                          torch.get_default_dtype(), str(torch.empty(0).device))
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_rotary(head_dim, max_position, base, scaling_json, rotary_dim, dtype, device) -> RotaryEmbedding:
+    return RotaryEmbedding(head_dim, max_position, base, json.loads(scaling_json), rotary_dim)

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Zeroed KV memory. On CPU it comes from calloc (via numpy), whose large
+    allocations are zero pages the OS fills on first touch: a 4 GiB pool costs
+    nothing at start-up, where torch.zeros would write every byte (seconds)."""
+    if device != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    num_bytes = element_size * int(np.prod(shape))
+    return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class CacheEngine:
@@ -12,8 +24,8 @@ class CacheEngine:
                  dtype: torch.dtype, device: str) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.kv_caches = [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-                          for _ in range(num_layers)]
+        shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+        self.kv_caches = [_zeros(shape, dtype, device) for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
