@@ -121,7 +121,10 @@ class KVCacheManager:
             return
         blocks = self.req_to_blocks[request.request_id]
         num_full = request.num_computed_tokens // self.block_size
-        start = self._num_cached_blocks.get(request.request_id, 0)
+        # Never blocks given back as out of the window (a fork's table starts with
+        # its source's): they may hold another request's tokens by now.
+        start = max(self._num_cached_blocks.get(request.request_id, 0),
+                    self._num_released_blocks.get(request.request_id, 0))
         if num_full <= start:
             return
         extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size)
@@ -133,8 +136,12 @@ class KVCacheManager:
         """Give `child` the source's blocks holding its first `num_tokens` tokens
         (shared by reference count; a partial last block is copied on write)."""
         shared = self.req_to_blocks[source.request_id][:cdiv(num_tokens, self.block_size)]
-        self.pool.share(shared)
+        # Blocks the source gave back as out of its window stay given back for the child.
+        num_released = min(self._num_released_blocks.get(source.request_id, 0), len(shared))
+        self.pool.share(shared[num_released:])
         self.req_to_blocks[child.request_id] = list(shared)
+        if num_released:
+            self._num_released_blocks[child.request_id] = num_released
 
     def release_out_of_window_blocks(self, request: Request) -> None:
         """Give back the blocks no future query can attend to: the next query is at

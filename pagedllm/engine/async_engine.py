@@ -6,6 +6,10 @@ engine needs no locks, and the model step never blocks the event loop. Each
 `generate` call gets its outputs (per-step deltas) through its own asyncio
 queue; closing or cancelling the call aborts its requests, freeing their blocks
 right after the step in progress.
+
+Test hook: with the environment variable PAGEDLLM_FAULT_INJECT_STEP=N, the N-th
+model step (counting from 1) raises instead of running, so that tests can check
+end to end how a failing step is reported. Never set it in production.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import queue
 import threading
 import time
@@ -28,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 # Called on the engine thread after every loop turn: (stats, outputs, turn start time).
 StepObserver = Callable[[SchedulerStats, list[RequestOutput], float], None]
+FAULT_INJECT_ENV = "PAGEDLLM_FAULT_INJECT_STEP"
 
 
 class EngineDeadError(RuntimeError):
@@ -65,6 +71,8 @@ class AsyncLLMEngine:
         self.stats: SchedulerStats = engine.engine_core.stats()
         self._num_submitted = 0  # requests handed to the thread (event loop writes)
         self._num_admitted = 0  # of those, added to the engine (engine thread writes)
+        self._num_steps = 0
+        self._fault_step = int(os.environ.get(FAULT_INJECT_ENV) or 0)  # the test hook; 0: off
 
     # ---- lifecycle (event loop) --------------------------------------------------
 
@@ -148,7 +156,7 @@ class AsyncLLMEngine:
                 started = time.monotonic()
                 outputs, num_added = self._apply(commands)
                 if self.engine.has_unfinished_requests():
-                    outputs += self.engine.step()
+                    outputs += self._step()
                 self.stats = self.engine.engine_core.stats()
                 # Counted only now that self.stats includes them: num_waiting may over-count, never under.
                 self._num_admitted += num_added
@@ -156,10 +164,18 @@ class AsyncLLMEngine:
                     self._observer(self.stats, outputs, started)
                 if outputs:
                     self._loop.call_soon_threadsafe(self._dispatch, [(o.request_id, o) for o in outputs])
-        except Exception:  # noqa: BLE001 - any failure kills the loop; clients get a clean 503
+        except Exception as failure:  # noqa: BLE001 - any failure kills the loop; clients get a clean 503
             logger.exception("engine loop failed; the engine is dead and in-flight requests fail")
-            error = EngineDeadError("the engine stopped after an internal error; see the server log")
+            # The type says what happened; the message and trace may hold paths, so they stay in the log.
+            error = EngineDeadError(f"the engine stopped after an internal error ({type(failure).__name__}); "
+                                    "see the server log")
             self._loop.call_soon_threadsafe(self._fail_all, error)
+
+    def _step(self) -> list[RequestOutput]:
+        self._num_steps += 1
+        if self._num_steps == self._fault_step:
+            raise RuntimeError(f"fault injected into model step {self._num_steps} ({FAULT_INJECT_ENV})")
+        return self.engine.step()
 
     def _next_commands(self) -> list[tuple[_Command, list]]:
         """Block while idle; otherwise take whatever arrived during the last step."""

@@ -31,6 +31,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                        help="turn off prefix caching")
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                       help="split the model across this many worker processes (one rank each)")
+    group.add_argument("--distributed-executor-backend", default="mp", choices=("mp", "ray"),
+                       help="how the ranks run with -tp > 1: local processes (mp) or Ray actors, "
+                            "possibly on several machines (ray; needs pip install pagedllm[ray])")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
@@ -39,7 +44,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                 num_kv_blocks=args.num_kv_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_prefix_caching=args.enable_prefix_caching)
+                enable_prefix_caching=args.enable_prefix_caching,
+                tensor_parallel_size=args.tensor_parallel_size,
+                distributed_executor_backend=args.distributed_executor_backend)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from pagedllm.distributed.parallel_state import get_tp_rank, get_tp_size
+from pagedllm.layers.linear import HeadShard
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -27,8 +27,6 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def local_alibi_slopes(num_heads: int) -> torch.Tensor:
+def local_alibi_slopes(num_heads: int, heads: HeadShard) -> torch.Tensor:
     """The slopes of this tensor-parallel rank's query heads."""
-    per_rank = num_heads // get_tp_size()
-    start = get_tp_rank() * per_rank
-    return alibi_slopes(num_heads)[start:start + per_rank]
+    return alibi_slopes(num_heads)[heads.q_start:heads.q_start + heads.num_heads]

@@ -8,6 +8,8 @@ Weights are [out_features, in_features] as in torch.nn.Linear.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,33 @@ def divide(numerator: int, denominator: int) -> int:
     if numerator % denominator:
         raise ValueError(f"{numerator} is not divisible by the tensor-parallel size {denominator}")
     return numerator // denominator
+
+
+@dataclass(frozen=True)
+class HeadShard:
+    """One rank's attention heads: query heads [q_start, q_start + num_heads) and
+    KV heads [kv_start, kv_start + num_kv_heads)."""
+
+    q_start: int
+    num_heads: int
+    kv_start: int
+    num_kv_heads: int
+
+
+def shard_attention_heads(num_heads: int, num_kv_heads: int, tp_size: int, tp_rank: int) -> HeadShard:
+    """Query heads stay on the rank of the KV head they read, so ranks take whole KV
+    groups: as evenly as the count allows when there are at least as many KV heads as
+    ranks (9 query / 3 KV heads on 2 ranks: 3/1 and 6/2), else every KV head is
+    replicated on tp_size / num_kv_heads ranks, which split its query heads."""
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads do not group evenly over {num_kv_heads} KV heads")
+    group = num_heads // num_kv_heads
+    if num_kv_heads >= tp_size:
+        kv_start, kv_end = tp_rank * num_kv_heads // tp_size, (tp_rank + 1) * num_kv_heads // tp_size
+        return HeadShard(kv_start * group, (kv_end - kv_start) * group, kv_start, kv_end - kv_start)
+    replicas = divide(tp_size, num_kv_heads)
+    heads_per_rank = divide(num_heads, tp_size)
+    return HeadShard(tp_rank * heads_per_rank, heads_per_rank, tp_rank // replicas, 1)
 
 
 def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
@@ -50,12 +79,14 @@ class ReplicatedLinear(nn.Module):
 
 
 class ColumnParallelLinear(nn.Module):
-    """Output features split across ranks: rank r computes rows [r*n, (r+1)*n)."""
+    """Output features split across ranks: rank r computes rows [r*n, (r+1)*n).
+    out_per_rank overrides n for subclasses whose split is not even."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 out_per_rank: int | None = None) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        self.out_per_rank = divide(out_features, self.tp_size)
+        self.out_per_rank = divide(out_features, self.tp_size) if out_per_rank is None else out_per_rank
         self.weight = _param((self.out_per_rank, in_features), self.weight_loader)
         self.bias = _param((self.out_per_rank,), self.weight_loader) if bias else None
 
@@ -85,22 +116,15 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Fused Q, K, V projections. Query heads are split across ranks; KV heads
-    too, or replicated when there are fewer KV heads than ranks."""
+    """Fused Q, K, V projections of this rank's heads (see shard_attention_heads)."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool = False) -> None:
-        tp_size = get_tp_size()
         self.head_dim = head_dim
-        self.num_heads = divide(num_heads, tp_size)
-        if num_kv_heads >= tp_size:
-            self.num_kv_heads = divide(num_kv_heads, tp_size)
-            self.kv_replicas = 1
-        else:
-            self.num_kv_heads = 1
-            self.kv_replicas = divide(tp_size, num_kv_heads)
-        out_features = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
-        super().__init__(hidden_size, out_features, bias)
+        self.heads = shard_attention_heads(num_heads, num_kv_heads, get_tp_size(), get_tp_rank())
+        self.num_heads, self.num_kv_heads = self.heads.num_heads, self.heads.num_kv_heads
+        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias,
+                         out_per_rank=(self.num_heads + 2 * self.num_kv_heads) * head_dim)
 
     @property
     def q_size(self) -> int:
@@ -114,27 +138,32 @@ class QKVParallelLinear(ColumnParallelLinear):
         if shard_id is None:
             raise ValueError("QKVParallelLinear loads q, k and v separately (shard_id 'q' | 'k' | 'v')")
         if shard_id == "q":
-            offset, size, rank = 0, self.q_size, self.tp_rank
+            offset, size, start = 0, self.q_size, self.heads.q_start * self.head_dim
         else:
             offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
-            size, rank = self.kv_size, self.tp_rank // self.kv_replicas
-        _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size),
+            size, start = self.kv_size, self.heads.kv_start * self.head_dim
+        _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, start, size),
                       f"{type(self).__name__}[{shard_id}]")
 
 
 class RowParallelLinear(nn.Module):
-    """Input features split across ranks; partial outputs are summed (one all-reduce)."""
+    """Input features split across ranks; partial outputs are summed (one all-reduce).
+    input_shard = (start, size) of this rank's input features when the split is not
+    even (the attention output of a rank's heads)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 input_shard: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        self.in_per_rank = divide(in_features, self.tp_size)
+        if input_shard is None:
+            size = divide(in_features, self.tp_size)
+            input_shard = (self.tp_rank * size, size)
+        self.in_start, self.in_per_rank = input_shard
         self.weight = _param((out_features, self.in_per_rank), self.weight_loader)
         self.bias = _param((out_features,), self._bias_loader) if bias else None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        size = self.in_per_rank
-        _copy_checked(param, loaded.narrow(1, self.tp_rank * size, size), type(self).__name__)
+        _copy_checked(param, loaded.narrow(1, self.in_start, self.in_per_rank), type(self).__name__)
 
     def _bias_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         _copy_checked(param, loaded, type(self).__name__)

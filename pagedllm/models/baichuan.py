@@ -39,7 +39,7 @@ class BaichuanForCausalLM(LlamaForCausalLM):
         alibi = self.uses_alibi(config)
         attention = LlamaAttention(config, use_rope=not alibi)
         if alibi:
-            attention.attn.alibi_slopes = local_alibi_slopes(config.num_attention_heads)
+            attention.attn.alibi_slopes = local_alibi_slopes(config.num_attention_heads, attention.qkv_proj.heads)
         return LlamaDecoderLayer(config, attention, LlamaMLP(config.hidden_size, config.intermediate_size))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -19,7 +19,7 @@ from pagedllm.layers.attention import Attention
 from pagedllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedllm.layers.norm import RMSNorm
-from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.layers.rotary import get_rotary_embedding
 
 # (fused parameter, checkpoint name, shard id): checkpoints store q/k/v and
 # gate/up separately, the model computes each group with one matmul.
@@ -52,8 +52,9 @@ class LlamaAttention(nn.Module):
                                           config.num_key_value_heads, bias=qkv_bias)
         num_heads, num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size, bias=o_bias)
-        self.rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, config.rope_theta,
+        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size, bias=o_bias,
+                                        input_shard=(self.qkv_proj.heads.q_start * head_dim, self.q_size))
+        self.rotary_emb = get_rotary_embedding(head_dim, config.max_position_embeddings, config.rope_theta,
                                           config.rope_scaling) if use_rope else None
         self.attn = Attention(num_heads, head_dim, num_kv_heads, scale=head_dim ** -0.5,
                               sliding_window=sliding_window)

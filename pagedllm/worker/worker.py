@@ -11,6 +11,7 @@ from pagedllm.config import (DEFAULT_CPU_KV_BYTES, DEFAULT_CPU_KV_FRACTION, DEFA
                              CacheConfig, ModelConfig)
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.distributed.parallel_state import set_tensor_parallel_group
+from pagedllm.layers.linear import shard_attention_heads
 from pagedllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,8 @@ class Worker:
         self.rank = rank
         self.world_size = world_size
         self.distributed_init_method = distributed_init_method
-        self.num_kv_heads = max(1, model_config.num_kv_heads // world_size)
+        self.num_kv_heads = shard_attention_heads(model_config.hf_config.num_attention_heads, model_config.num_kv_heads,
+                                                  world_size, rank).num_kv_heads
         self.runner = ModelRunner(model_config, cache_config.block_size, is_driver=rank == 0)
 
     def init_device(self) -> None:
@@ -59,6 +61,7 @@ class Worker:
                 budget = int(free * DEFAULT_GPU_KV_FRACTION) - (1 << 30)
             else:
                 budget = min(DEFAULT_CPU_KV_BYTES, int(psutil.virtual_memory().available * DEFAULT_CPU_KV_FRACTION))
+                budget //= self.world_size  # the ranks may all share this host's memory
         return max(0, budget // self.bytes_per_block())
 
     def init_kv_cache(self, num_blocks: int) -> None:

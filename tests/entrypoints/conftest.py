@@ -36,13 +36,13 @@ class ServerProcess:
     """`python -m pagedllm serve ARGS` with its log in a file; stop() sends a signal
     and checks the clean shutdown."""
 
-    def __init__(self, args: list[str], log_path: str) -> None:
+    def __init__(self, args: list[str], log_path: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "pagedllm", "serve", *args, "--port", str(self.port)],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+                                     stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         self._wait_ready()
 
     @property
@@ -96,9 +96,9 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return folder
 
 
-def start_server(tmp_path_factory, args: list[str], name: str) -> ServerProcess:
+def start_server(tmp_path_factory, args: list[str], name: str, env: dict[str, str] | None = None) -> ServerProcess:
     log_path = os.path.join(str(tmp_path_factory.mktemp(name)), "server.log")
-    return ServerProcess(args, log_path)
+    return ServerProcess(args, log_path, env)
 
 
 @pytest.fixture(scope="session")

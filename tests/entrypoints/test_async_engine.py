@@ -12,6 +12,7 @@ import pytest
 
 from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineRequest
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.entrypoints.openai.limits import ServerLimits
 from pagedllm.entrypoints.openai.server import build_app
 from pagedllm.entrypoints.openai.serving import OpenAIServing
 from pagedllm.metrics import EngineMetrics
@@ -96,7 +97,7 @@ def test_a_failing_step_kills_the_engine_and_the_server_answers_503(engine, monk
     monkeypatch.setattr(engine, "step", broken_step)
     metrics = EngineMetrics("tiny")
     async_engine = AsyncLLMEngine(engine, metrics.observe)
-    app = build_app(OpenAIServing(async_engine, "tiny", None, max_waiting_requests=8), metrics)
+    app = build_app(OpenAIServing(async_engine, "tiny", None, ServerLimits(max_waiting_requests=8)), metrics)
 
     async def scenario():
         async with app.router.lifespan_context(app):

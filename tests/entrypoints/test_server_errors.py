@@ -1,12 +1,16 @@
 """Errors as OpenAI's JSON with the right status: 400 for anything wrong in a request
-(never 422 or 500), 401 without the API key, 404 for an unknown model or route."""
+(never 422 or 500), 401 without the API key, 404 for an unknown model or route, 413 for
+a body past --max-request-bytes; hostile input answered at once, naming the field."""
 
 from __future__ import annotations
+
+import time
 
 import httpx
 import openai
 import pytest
 
+from pagedllm.entrypoints.openai.limits import DEFAULT_MAX_REQUEST_BYTES
 from tests.entrypoints.conftest import API_KEY, MODEL
 
 COMPLETION = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
@@ -41,7 +45,7 @@ def check_error(response: httpx.Response, status: int, param: str | None = None)
     ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"content": "no role"}]}, None),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None),
-    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 30}, "logprobs"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 30}, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 0}, "max_tokens"),
     ("/tokenize", {"prompt": "a", "messages": CHAT["messages"]}, None),
@@ -49,6 +53,68 @@ def check_error(response: httpx.Response, status: int, param: str | None = None)
 ])
 def test_invalid_fields_are_400(http, path, body, param):
     check_error(http.post(path, json=body), 400, param)
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/completions", {**COMPLETION, "max_tokens": 10**9}, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": -5}, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "n": 10**6}, "n"),
+    ("/v1/completions", {**COMPLETION, "n": -1}, "n"),
+    ("/v1/completions", {**COMPLETION, "logprobs": 10**4}, "logprobs"),
+    ("/v1/completions", {**COMPLETION, "logprobs": -1}, "logprobs"),
+    ("/v1/completions", {**COMPLETION, "prompt": [5, -1]}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": [[5], [2**70]]}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "presence_penalty": -3}, "presence_penalty"),
+    ("/v1/completions", {**COMPLETION, "stop_token_ids": [-1]}, "stop_token_ids"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 10**9}, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "n": 10**6}, "n"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 10**4}, "top_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "root", "content": "Hi"}]}, "role"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": 7, "content": "Hi"}]}, "role"),
+    ("/v1/chat/completions", {**CHAT, "messages": "Hi"}, "messages"),
+])
+def test_hostile_values_are_400_naming_the_field(http, path, body, field):
+    error = check_error(http.post(path, json=body), 400)
+    assert field in error["message"], error
+
+
+@pytest.mark.parametrize("path, content, field", [
+    ("/v1/completions", b'{"prompt": "Hi", "max_tokens": 2, "temperature": NaN}', "temperature"),
+    ("/v1/completions", b'{"prompt": "Hi", "max_tokens": 2, "top_p": Infinity}', "top_p"),
+    ("/v1/completions", b'{"prompt": "Hi", "max_tokens": 2, "frequency_penalty": -Infinity}', "frequency_penalty"),
+    ("/v1/completions", b'{"prompt": "Hi", "max_tokens": NaN}', "max_tokens"),
+    ("/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt"),
+    ("/v1/completions", b'{"prompt": ["ok", "\\udfff"], "max_tokens": 2}', "prompt.1"),
+    ("/v1/completions", b'{"prompt": "Hi", "stop": ["\\ud83d"], "max_tokens": 2}', "stop"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content"),
+    ("/tokenize", b'{"prompt": "\\udc00"}', "prompt"),
+    ("/v1/completions", b'{"prompt": "a\xffb", "max_tokens": 2}', "UTF-8"),
+    ("/v1/completions", b'{"prompt": "a\xed\xa0\x80b", "max_tokens": 2}', "UTF-8"),  # a surrogate, UTF-8-coded
+])
+def test_nan_and_invalid_unicode_are_400_naming_the_field(http, path, content, field):
+    error = check_error(http.post(path, content=content, headers={"Content-Type": "application/json"}), 400)
+    assert field in error["message"], error
+
+
+def test_a_one_megabyte_prompt_is_400_at_once(http):
+    started = time.monotonic()
+    for path, body in (("/v1/completions", {**COMPLETION, "prompt": "a" * 2**20}),
+                       ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "é" * 2**19}]})):
+        error = check_error(http.post(path, json=body), 400)
+        assert "maximum context length is 512 tokens" in error["message"]
+    assert time.monotonic() - started < 30
+    assert http.get("/health").status_code == 200
+
+
+def test_a_body_past_the_limit_is_413_before_it_is_read(http):
+    """Declared by Content-Length, or only found out while reading a chunked body."""
+    body = b'{"prompt": "' + b"a" * DEFAULT_MAX_REQUEST_BYTES + b'"}'
+    chunks = (body[i:i + 2**16] for i in range(0, len(body), 2**16))
+    for content in (body, chunks):
+        response = http.post("/v1/completions", content=content, headers={"Content-Type": "application/json"})
+        error = check_error(response, 413)
+        assert error["code"] == "request_too_large" and "--max-request-bytes" in error["message"]
+    assert http.get("/health").status_code == 200
 
 
 def test_malformed_bodies_are_400(http):

@@ -2,7 +2,8 @@
 
 Field names, defaults and shapes follow OpenAI's API, plus vLLM's sampling extras.
 Unknown request fields are ignored, as OpenAI clients send fields we do not use.
-Range checks live in SamplingParams, so they are written once.
+Range checks live in SamplingParams, so they are written once. Text with lone
+surrogates (JSON allows "\\ud800", Unicode does not) is refused here, naming the field.
 """
 
 from __future__ import annotations
@@ -10,17 +11,50 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 from pagedllm.sampling_params import SamplingParams
 
 # ---- requests ---------------------------------------------------------------------
 
 
+def _lone_surrogate_path(data: Any) -> str | None:
+    """The dotted path of the first string (value or key) in parsed JSON that holds a
+    lone surrogate; None if there is none. Iterative: JSON may nest deeply."""
+    pending: list[tuple[str, Any]] = [("", data)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, dict):
+            pending += [(f"{path}.{key}".lstrip("."), item) for key, item in value.items()]
+            value = "".join(key for key in value if isinstance(key, str))
+        elif isinstance(value, list):
+            pending += [(f"{path}.{i}".lstrip("."), item) for i, item in enumerate(value)]
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+    return None
+
+
+class ApiRequest(BaseModel):
+    """A request body: its text must be valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        path = _lone_surrogate_path(data)
+        if path is not None:
+            raise PydanticCustomError("invalid_unicode", "{path}: the text holds a lone surrogate (such as "
+                                      "\\ud800), which is not valid Unicode", {"path": path})
+        return data
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(ApiRequest):
     """The sampling fields shared by completions and chat completions."""
 
     model: str | None = None
@@ -78,7 +112,7 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     # Extra keys (tool_calls, ...) are passed on to the chat template.
     model_config = ConfigDict(extra="allow")
-    role: str
+    role: Literal["system", "user", "assistant", "tool", "developer", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
@@ -92,7 +126,7 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(ApiRequest):
     """Either a prompt, or chat messages rendered through the chat template."""
 
     model: str | None = None
@@ -108,7 +142,7 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(ApiRequest):
     model: str | None = None
     tokens: list[int]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import signal
@@ -15,18 +14,19 @@ from collections.abc import AsyncIterator, Awaitable
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagedllm import __version__
 from pagedllm.config import DEFAULT_MODEL_ALIAS
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.entrypoints.cli import add_engine_args, engine_kwargs
+from pagedllm.entrypoints.openai.guards import ApiKeyMiddleware, BodyLimitMiddleware, error_response
+from pagedllm.entrypoints.openai.limits import add_limit_args, limits_from_args
 from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                                   CompletionResponse, DetokenizeRequest, DetokenizeResponse,
                                                   ErrorInfo, ErrorResponse, ModelList, TokenizeRequest,
@@ -39,12 +39,11 @@ logger = logging.getLogger(__name__)
 STATS_LOG_INTERVAL_S = 10.0
 # After SIGINT/SIGTERM, connections still open after this long are cut.
 GRACEFUL_SHUTDOWN_S = 5
-DEFAULT_MAX_WAITING_REQUESTS = 1024
-_ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 503)}
-
-
-def _error_response(status: int, info: ErrorInfo, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status, headers=headers)
+_ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)}
+# With "stream": true, generation routes answer server-sent events; each event's data
+# is a chunk (JSON), an error (JSON) or [DONE]. The schema describes one event.
+_SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+_GENERATION_RESPONSES = {**_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -52,46 +51,27 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, error: ApiError) -> JSONResponse:
-        return _error_response(error.status, error.info, error.headers)
+        return error_response(error.status, error.info, error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
         if first["type"] == "json_invalid":
-            return _error_response(400, ErrorInfo(message="the request body is not valid JSON",
-                                                  type="invalid_request_error"))
+            return error_response(400, ErrorInfo(message="the request body is not valid JSON",
+                                                 type="invalid_request_error"))
         param = ".".join(str(part) for part in first["loc"] if part != "body") or None
         message = f"{param}: {first['msg']}" if param else first["msg"]
-        return _error_response(400, ErrorInfo(message=message, type="invalid_request_error", param=param))
+        return error_response(400, ErrorInfo(message=message, type="invalid_request_error", param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        return _error_response(error.status_code, ErrorInfo(message=str(error.detail), type="invalid_request_error"),
-                               error.headers)
+        return error_response(error.status_code, ErrorInfo(message=str(error.detail), type="invalid_request_error"),
+                              error.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, error: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return _error_response(500, ErrorInfo(message="internal server error", type="server_error"))
-
-
-class ApiKeyMiddleware:
-    """Requires `Authorization: Bearer KEY` on /v1/* (a plain ASGI middleware: it
-    leaves streaming and disconnect detection untouched)."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = Headers(scope=scope).get("authorization", "").encode()
-            if not hmac.compare_digest(given, self.expected):
-                info = ErrorInfo(message="invalid or missing API key (Authorization: Bearer KEY)",
-                                 type="invalid_request_error", code="invalid_api_key")
-                await _error_response(401, info)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        return error_response(500, ErrorInfo(message="internal server error", type="server_error"))
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -120,7 +100,8 @@ async def _respond(request: Request, work: Awaitable[BaseModel | AsyncIterator[s
     return StreamingResponse(result, media_type="text/event-stream")
 
 
-def build_app(serving: OpenAIServing, metrics: EngineMetrics, api_key: str | None = None) -> FastAPI:
+def build_app(serving: OpenAIServing, metrics: EngineMetrics, api_key: str | None = None,
+              allowed_origins: list[str] | None = None) -> FastAPI:
     engine = serving.engine
 
     @contextlib.asynccontextmanager
@@ -135,10 +116,16 @@ def build_app(serving: OpenAIServing, metrics: EngineMetrics, api_key: str | Non
 
     app = FastAPI(title="pagedllm", version=__version__, lifespan=lifespan)
     _add_error_handlers(app)
+    # The last added runs first: CORS answers preflights (which carry no key), the key
+    # is checked before a body is read, the body is capped before it is parsed.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=serving.limits.max_request_bytes)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={200: {"content": {}}, 503: {"content": {}}})
     async def health() -> Response:
         return Response(status_code=200 if engine.is_healthy else 503)
 
@@ -146,7 +133,7 @@ def build_app(serving: OpenAIServing, metrics: EngineMetrics, api_key: str | Non
     async def version() -> VersionResponse:
         return VersionResponse(version=__version__)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -154,11 +141,11 @@ def build_app(serving: OpenAIServing, metrics: EngineMetrics, api_key: str | Non
     async def models() -> ModelList:
         return serving.models()
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _respond(request, serving.create_completion(body))
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _respond(request, serving.create_chat_completion(body))
 
@@ -206,14 +193,13 @@ class _Server(uvicorn.Server):
 
 def run_server(args: argparse.Namespace) -> int:
     chat_template = load_chat_template(args.chat_template)
-    if args.max_waiting_requests < 1:
-        raise ValueError(f"--max-waiting-requests must be >= 1, got {args.max_waiting_requests}")
+    limits = limits_from_args(args)
+    allowed_origins = [origin.strip() for origin in (args.allowed_origins or "").split(",") if origin.strip()]
     engine = LLMEngine.from_args(**engine_kwargs(args))
     model_name = args.served_model_name or args.model or DEFAULT_MODEL_ALIAS
     metrics = EngineMetrics(model_name)
-    serving = OpenAIServing(AsyncLLMEngine(engine, metrics.observe), model_name, chat_template,
-                            args.max_waiting_requests)
-    app = build_app(serving, metrics, args.api_key)
+    serving = OpenAIServing(AsyncLLMEngine(engine, metrics.observe), model_name, chat_template, limits)
+    app = build_app(serving, metrics, args.api_key, allowed_origins)
     config, core = engine.config, engine.engine_core
     logger.info("serving %s (%s, %s, max_model_len %d); KV pool: %d blocks x %d = %d tokens, %.3f GiB; "
                 "http://%s:%d/v1%s", model_name, config.model.path, config.model.dtype, config.model.max_model_len,
@@ -233,7 +219,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     add_engine_args(parser)
     group = parser.add_argument_group("server")
-    group.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    group.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default %(default)s: this machine only; 0.0.0.0: all interfaces)")
     group.add_argument("--port", type=int, default=8000)
     group.add_argument("--api-key", default=os.environ.get("PAGEDLLM_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $PAGEDLLM_API_KEY)")
@@ -241,6 +228,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="the model name clients use (default: MODEL as given, or the default alias)")
     group.add_argument("--chat-template", default=None,
                        help="Jinja chat template, or a file holding it (default: the tokenizer's)")
-    group.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
-                       help="answer 503 with Retry-After while this many requests wait to be scheduled")
+    group.add_argument("--allowed-origins", default=None,
+                       help="comma-separated origins allowed by CORS, or '*' (default: none, CORS off)")
+    add_limit_args(parser)
     parser.set_defaults(func=run_server)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 
 import jinja2
 from pydantic import BaseModel
 
 from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineRequest
+from pagedllm.entrypoints.openai.limits import ServerLimits
 from pagedllm.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                                   ChatCompletionResponse, ChatLogprob, ChatLogprobs,
                                                   ChatLogprobToken, ChatMessage, ChatResponseMessage,
@@ -81,13 +82,20 @@ def _merge(final: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
     return final
 
 
+def _engine_error(error: EngineDeadError | ValueError) -> ApiError:
+    """What to answer when the engine fails a request: 503 if it died, else 400."""
+    if isinstance(error, EngineDeadError):
+        return ApiError(503, str(error), type_="server_error", code="engine_dead")
+    return bad_request(error)
+
+
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None,
-                 max_waiting_requests: int) -> None:
+                 limits: ServerLimits) -> None:
         self.engine = engine
         self.model_name = model_name
         self.chat_template = chat_template
-        self.max_waiting_requests = max_waiting_requests
+        self.limits = limits
         self.processor = engine.engine.input_processor
         self.tokenizer = engine.engine.tokenizer
         self.created = int(time.time())
@@ -121,6 +129,7 @@ class OpenAIServing:
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
         self._admit(request.model)
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        self._check_limits(request.n, request.logprobs, "logprobs")
         try:
             prompts = self._completion_prompts(request.prompt)
             # Echoing logprobs needs the prompt tokens' logprobs too.
@@ -144,7 +153,7 @@ class OpenAIServing:
                     yield chunk([self._completion_choice(request, requests[i], delta, sample, i, offsets)])
 
             usage_chunk = (lambda usage: chunk([], usage)) if request.include_usage else None
-            return self._stream(requests, to_chunks, usage_chunk)
+            return self._stream(requests, await self._start(requests), to_chunks, usage_chunk)
         finals = await self._generate_all(requests)
         choices = [self._completion_choice(request, requests[i], final, sample, i, {})
                    for i, final in enumerate(finals) for sample in sorted(final.outputs, key=lambda s: s.index)]
@@ -193,6 +202,7 @@ class OpenAIServing:
                                      ) -> ChatCompletionResponse | AsyncIterator[str]:
         self._admit(request.model)
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self._check_limits(request.n, request.top_logprobs, "top_logprobs")
         try:
             if request.top_logprobs is not None and not request.logprobs:
                 raise ValueError("top_logprobs needs logprobs set to true")
@@ -221,7 +231,7 @@ class OpenAIServing:
                         stop_reason=sample.stop_reason)])
 
             usage_chunk = (lambda usage: chunk([], usage)) if request.include_usage else None
-            return self._stream(requests, to_chunks, usage_chunk, opening)
+            return self._stream(requests, await self._start(requests), to_chunks, usage_chunk, opening)
         finals = await self._generate_all(requests)
         choices = [ChatChoice(index=sample.index, message=ChatResponseMessage(content=sample.text),
                               logprobs=self._chat_logprobs(sample, num_top), finish_reason=sample.finish_reason,
@@ -271,16 +281,32 @@ class OpenAIServing:
         """Refuse early: unknown model, dead engine, or a full waiting queue."""
         self._check_model(model)
         if not self.engine.is_healthy:
-            raise ApiError(503, "the engine is not running", type_="server_error")
-        if self.engine.num_waiting >= self.max_waiting_requests:
-            raise ApiError(503, f"the server is overloaded: {self.max_waiting_requests} requests are already "
-                                "waiting; retry later", type_="server_error", code="overloaded",
+            raise ApiError(503, str(self.engine.error or "the engine is not running"), type_="server_error",
+                           code="engine_dead")
+        max_waiting = self.limits.max_waiting_requests
+        if self.engine.num_waiting >= max_waiting:
+            raise ApiError(503, f"the server is overloaded: {max_waiting} requests are already waiting; retry "
+                                "later", type_="server_error", code="overloaded",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def _check_limits(self, n: int, logprobs: int | None, logprobs_field: str) -> None:
+        """The server's caps on `n` and logprobs (flags), checked before any work."""
+        if not 1 <= n <= self.limits.max_n:
+            raise ApiError(400, f"n must be an integer in [1, {self.limits.max_n}] on this server (--max-n), "
+                                f"got {n}", param="n")
+        if logprobs is not None and not 0 <= logprobs <= self.limits.max_logprobs:
+            raise ApiError(400, f"{logprobs_field} must be an integer in [0, {self.limits.max_logprobs}] on this "
+                                f"server (--max-logprobs), got {logprobs}", param=logprobs_field)
 
     def _engine_requests(self, response_id: str, prompts: list[tuple[str | None, list[int]]],
                          params: SamplingParams) -> list[EngineRequest]:
         """Validate every prompt (ValueError in vLLM's words) before any is queued."""
         arrival_time = time.monotonic()
+        max_prompt_tokens = self.limits.max_prompt_tokens
+        for _, token_ids in prompts:
+            if max_prompt_tokens is not None and len(token_ids) > max_prompt_tokens:
+                raise ValueError(f"prompt has {len(token_ids)} tokens, more than this server's limit of "
+                                 f"{max_prompt_tokens} (--max-prompt-tokens)")
         return [EngineRequest(f"{response_id}-{i}", text, token_ids, self.processor.validate(token_ids, params),
                               arrival_time)
                 for i, (text, token_ids) in enumerate(prompts)]
@@ -301,29 +327,40 @@ class OpenAIServing:
             async with aclosing(self.engine.generate(requests)) as deltas:
                 async for delta in deltas:
                     finals[delta.request_id] = _merge(finals.get(delta.request_id), delta)
-        except EngineDeadError as error:
-            raise ApiError(503, str(error), type_="server_error") from None
-        except ValueError as error:
-            raise bad_request(error) from None
+        except (EngineDeadError, ValueError) as error:
+            raise _engine_error(error) from None
         return [finals[r.request_id] for r in requests]
 
-    async def _stream(self, requests: list[EngineRequest], to_chunks: Callable[[RequestOutput], Iterable[BaseModel]],
+    async def _start(self, requests: list[EngineRequest]
+                     ) -> tuple[AsyncGenerator[RequestOutput, None], RequestOutput]:
+        """Queue a stream's requests now and wait for their first output: the load is
+        counted at once (so a burst of streams cannot slip past the overload check),
+        and a failure before the first token is an HTTP error, not a 200 stream."""
+        deltas = self.engine.generate(requests)
+        try:
+            return deltas, await anext(deltas)  # an exception here has closed `deltas`
+        except (EngineDeadError, ValueError) as error:
+            raise _engine_error(error) from None
+
+    async def _stream(self, requests: list[EngineRequest],
+                      started: tuple[AsyncGenerator[RequestOutput, None], RequestOutput],
+                      to_chunks: Callable[[RequestOutput], Iterable[BaseModel]],
                       usage_chunk: Callable[[UsageInfo], BaseModel] | None,
                       opening: Iterable[BaseModel] = ()) -> AsyncIterator[str]:
         """SSE lines as OpenAI sends them; errors after the start become an error event."""
+        deltas, delta = started
         num_generated: dict[str, int] = {}
         try:
-            for chunk in opening:
-                yield _sse(chunk)
-            async with aclosing(self.engine.generate(requests)) as deltas:
-                async for delta in deltas:
+            async with aclosing(deltas):  # leaving early (client gone) aborts the requests
+                for chunk in opening:
+                    yield _sse(chunk)
+                while delta is not None:
                     num_generated[delta.request_id] = delta.num_generated_tokens
                     for chunk in to_chunks(delta):
                         yield _sse(chunk)
+                    delta = await anext(deltas, None)
             if usage_chunk is not None:
                 yield _sse(usage_chunk(self._usage(requests, sum(num_generated.values()))))
-        except EngineDeadError as error:
-            yield _sse(ErrorResponse(error=ErrorInfo(message=str(error), type="server_error")))
-        except ValueError as error:
-            yield _sse(ErrorResponse(error=bad_request(error).info))
+        except (EngineDeadError, ValueError) as error:
+            yield _sse(ErrorResponse(error=_engine_error(error).info))
         yield "data: [DONE]\n\n"
