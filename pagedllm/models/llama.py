@@ -55,7 +55,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size, bias=o_bias,
                                         input_shard=(self.qkv_proj.heads.q_start * head_dim, self.q_size))
         self.rotary_emb = get_rotary_embedding(head_dim, config.max_position_embeddings, config.rope_theta,
-                                          config.rope_scaling) if use_rope else None
+                                               config.rope_scaling) if use_rope else None
         self.attn = Attention(num_heads, head_dim, num_kv_heads, scale=head_dim ** -0.5,
                               sliding_window=sliding_window)
 
