@@ -28,7 +28,8 @@ def run_throughput(requests: list[BenchRequest], **engine_kwargs) -> dict:
     ready = time.time()
     for i, request in enumerate(requests):
         params = SamplingParams(temperature=0, max_tokens=request.output_len, ignore_eos=True)
-        engine.add_tokenized_request(str(i), None, request.prompt_token_ids, params)
+        # Streamed outputs: every step reports progress, so the first token is seen when it comes.
+        engine.add_tokenized_request(str(i), None, request.prompt_token_ids, params, stream=True)
     unfilled = used = 0
     first_token_time = None
     num_steps = 0

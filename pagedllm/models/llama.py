@@ -78,14 +78,19 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, hidden_states, residual, kv_cache, metadata):
-        """Returns (mlp output, residual); the next layer adds them in its first norm."""
+    def norm_and_attend(self, positions, hidden_states, residual, kv_cache, metadata):
+        """Input norm (with the previous layer's residual add fused in), then
+        attention: returns (attention output, residual)."""
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, kv_cache, metadata)
+        return self.self_attn(positions, hidden_states, kv_cache, metadata), residual
+
+    def forward(self, positions, hidden_states, residual, kv_cache, metadata):
+        """Returns (mlp output, residual); the next layer adds them in its first norm."""
+        hidden_states, residual = self.norm_and_attend(positions, hidden_states, residual, kv_cache, metadata)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
