@@ -17,7 +17,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from pagedllm.bench.workload import BenchRequest, num_output_tokens, num_prompt_tokens
+from pagedllm.bench.workload import BenchRequest, num_output_tokens, num_prompt_tokens, throughput_rates
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -135,8 +135,5 @@ def run_hf_baseline(
         "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
         "generated_tokens": generated,
-        "elapsed_s": elapsed,
-        "requests_per_s": len(requests) / elapsed,
-        "output_tokens_per_s": output_tokens / elapsed,
-        "total_tokens_per_s": (prompt_tokens + output_tokens) / elapsed,
+        **throughput_rates(len(requests), prompt_tokens, output_tokens, elapsed),
     }

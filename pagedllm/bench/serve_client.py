@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
-from pagedllm.bench.workload import BenchRequest
+from pagedllm.bench.workload import BenchRequest, throughput_rates
 
 # Long generations under heavy load may legitimately take a long time (vLLM uses 6 h).
 REQUEST_TIMEOUT_S = 6 * 3600
@@ -64,10 +64,7 @@ def summarize(records: list[RequestRecord], elapsed: float) -> dict:
         "errors": sorted({r.error for r in records if not r.success})[:5],
         "total_input_tokens": input_tokens,
         "total_output_tokens": output_tokens,
-        "elapsed_s": elapsed,
-        "requests_per_s": len(ok) / elapsed,
-        "output_tokens_per_s": output_tokens / elapsed,
-        "total_tokens_per_s": (input_tokens + output_tokens) / elapsed,
+        **throughput_rates(len(ok), input_tokens, output_tokens, elapsed),
         **_stats("ttft", [r.ttft for r in ok]),
         **_stats("tpot", tpots),
         **_stats("itl", [gap for r in ok for gap in r.itl]),

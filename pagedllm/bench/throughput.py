@@ -15,7 +15,7 @@ import time
 import psutil
 
 from pagedllm.bench.cli import add_output_args, add_run_info, add_workload_args, finish_report, load_requests
-from pagedllm.bench.workload import BenchRequest, num_output_tokens, num_prompt_tokens
+from pagedllm.bench.workload import BenchRequest, num_output_tokens, num_prompt_tokens, throughput_rates
 
 
 def run_throughput(requests: list[BenchRequest], **engine_kwargs) -> dict:
@@ -48,9 +48,7 @@ def run_throughput(requests: list[BenchRequest], **engine_kwargs) -> dict:
         "model": engine.config.model.path, "dtype": engine.config.model.dtype,
         "device": engine.config.model.device, "num_requests": len(requests),
         "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "num_steps": num_steps,
-        "elapsed_s": elapsed, "requests_per_s": len(requests) / elapsed,
-        "output_tokens_per_s": output_tokens / elapsed,
-        "total_tokens_per_s": (prompt_tokens + output_tokens) / elapsed,
+        **throughput_rates(len(requests), prompt_tokens, output_tokens, elapsed),
         "engine_init_s": ready - started,
         "startup_to_first_token_s": (first_token_time or ready) - process_start,
         "kv_cache_waste": unfilled / used if used else 0.0,

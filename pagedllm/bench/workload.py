@@ -102,3 +102,10 @@ def random_workload(
         )
         for _ in range(num_prompts)
     ]
+
+
+def throughput_rates(num_requests: int, prompt_tokens: int, output_tokens: int, elapsed: float) -> dict:
+    """The rates every benchmark reports, computed one way."""
+    return {"elapsed_s": elapsed, "requests_per_s": num_requests / elapsed,
+            "output_tokens_per_s": output_tokens / elapsed,
+            "total_tokens_per_s": (prompt_tokens + output_tokens) / elapsed}
