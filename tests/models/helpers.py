@@ -51,6 +51,13 @@ def make_prompts(lengths=PROMPT_LENGTHS, seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, 259, (n,), generator=generator).tolist() for n in lengths]
 
 
+def engine_and_reference(tmp_path_factory, name: str, model_class, config) -> tuple[LLM, torch.nn.Module]:
+    """A tiny checkpoint of `config` saved under a fresh folder: (pagedllm engine, HF model)."""
+    folder = tmp_path_factory.mktemp(name)
+    hf_model = save_hf_model(folder, model_class, config)
+    return make_llm(folder), hf_model
+
+
 def make_llm(folder) -> LLM:
     return LLM(str(folder), dtype="float32", num_kv_blocks=128, block_size=BLOCK_SIZE,
                max_num_batched_tokens=MAX_BATCHED_TOKENS)

@@ -5,8 +5,7 @@ query_pre_attn_scalar, alternating sliding window) against transformers."""
 import pytest
 from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM
 
-from tests.models.helpers import (assert_matches_reference, make_llm, make_prompts, save_hf_model,
-                                  tiny_kwargs)
+from tests.models.helpers import assert_matches_reference, engine_and_reference, make_prompts, tiny_kwargs
 
 CASES = {
     "gemma": lambda: (GemmaForCausalLM, GemmaConfig(**tiny_kwargs(num_key_value_heads=1, head_dim=16,
@@ -20,10 +19,7 @@ CASES = {
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def gemma(request, tmp_path_factory):
-    model_class, config = CASES[request.param]()
-    folder = tmp_path_factory.mktemp(request.param)
-    hf_model = save_hf_model(folder, model_class, config)
-    return make_llm(folder), hf_model
+    return engine_and_reference(tmp_path_factory, request.param, *CASES[request.param]())
 
 
 def test_batch_of_one(gemma):

@@ -8,8 +8,7 @@ import pytest
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from pagedllm.models.qwen2 import _qwen_sliding_window
-from tests.models.helpers import (assert_matches_reference, make_llm, make_prompts, save_hf_model,
-                                  tiny_kwargs)
+from tests.models.helpers import assert_matches_reference, engine_and_reference, make_prompts, tiny_kwargs
 
 CASES = {
     "qwen2": lambda: (Qwen2ForCausalLM, Qwen2Config(**tiny_kwargs(tie_word_embeddings=True))),
@@ -20,10 +19,7 @@ CASES = {
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def qwen(request, tmp_path_factory):
-    model_class, config = CASES[request.param]()
-    folder = tmp_path_factory.mktemp(request.param)
-    hf_model = save_hf_model(folder, model_class, config)
-    return make_llm(folder), hf_model
+    return engine_and_reference(tmp_path_factory, request.param, *CASES[request.param]())
 
 
 def test_batch_of_one(qwen):
