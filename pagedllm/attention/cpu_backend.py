@@ -67,7 +67,7 @@ def load_kernel_library() -> ctypes.CDLL | None:
                 return None
             os.replace(built, library)  # atomic: concurrent builders never see a partial file
     lib = ctypes.CDLL(library)
-    lib.paged_decode_attention_f32.restype = None
+    lib.paged_decode_attention_f32.restype = ctypes.c_int
     return lib
 
 
@@ -87,13 +87,15 @@ def decode_attention(output: torch.Tensor, query: torch.Tensor, kv_cache: torch.
     table_rows = np.ascontiguousarray(table_rows, dtype=np.int64)
     seq_lens = np.ascontiguousarray(seq_lens, dtype=np.int64)
     slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else None
-    lib.paged_decode_attention_f32(
+    status = lib.paged_decode_attention_f32(
         _ptr(output), _ptr(query), _ptr(kv_cache), _ptr(block_table),
         rows.ctypes.data_as(ctypes.c_void_p), table_rows.ctypes.data_as(ctypes.c_void_p),
         seq_lens.ctypes.data_as(ctypes.c_void_p), _INT64(len(rows)), _INT64(num_blocks),
         _INT64(block_table.shape[1]), _INT64(block_size), _INT64(num_heads), _INT64(num_kv_heads),
         _INT64(head_dim), _FLOAT(scale), _INT64(sliding_window or 0), _FLOAT(logits_soft_cap or 0.0),
         _ptr(slopes) if slopes is not None else None)
+    if status != 0:
+        raise MemoryError(f"CPU decode attention: out of memory (or head size {head_dim} not a multiple of 8)")
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
@@ -101,7 +103,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
                     logits_soft_cap: float | None = None) -> torch.Tensor:
     """Same contract as torch_backend.paged_attention."""
     decodes = np.flatnonzero(metadata.query_lens_np == 1)
-    usable = (query.dtype == torch.float32 and query.is_contiguous() and query.shape[1] // kv_cache.shape[3] <= 64
+    usable = (query.dtype == torch.float32 and query.is_contiguous() and query.shape[2] % 8 == 0
               and len(decodes) and load_kernel_library() is not None)
     if not usable:
         return torch_backend.paged_attention(query, kv_cache, metadata, scale, sliding_window, alibi_slopes,

@@ -1,9 +1,19 @@
 /* Paged decode attention for CPUs, float32.
  *
  * One query token per request attends over the request's whole context, read
- * in place from the KV blocks through its block table (no gather). Work items
- * are (request, KV head) pairs; each loads a key once for all query heads of
- * its group (GQA), so K and V are each read exactly once.
+ * in place from the KV blocks through its block table (no gather). A work item
+ * is a request (or one of its KV heads when there are too few requests to
+ * share among the threads); it streams the context block by block with an
+ * online softmax (running max and sum per head), so no buffer grows with the
+ * context. K/V rows of a KV head are read once per query head of its group;
+ * the repeats hit L1.
+ *
+ * Decode attention waits on memory (every step reads the whole KV context), so
+ * each block is copied to a thread-local buffer with memcpy (which streams
+ * it at full bandwidth; whole-request items), the next block is prefetched,
+ * and the inner loops keep independent accumulator chains in flight: four keys' dot products at a time, 8-wide
+ * vectors (GCC/Clang vector extensions, lowered to AVX2 / NEON / SSE by
+ * -march=native).
  *
  * kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V)
  * query/out: [num_tokens, num_heads, head_dim]; rows[i] is request i's query row
@@ -13,66 +23,190 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
-#define MAX_GROUP 64
+#define KEYS_PER_TILE 4
 
-void paged_decode_attention_f32(
+typedef float vec8 __attribute__((vector_size(32)));
+
+static inline vec8 load8(const float *p) {
+    vec8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store8(float *p, vec8 v) { memcpy(p, &v, sizeof v); }
+
+static inline float sum8(vec8 v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+/* q . k over head_dim (a multiple of 8). */
+static inline float dot(const float *q, const float *k, int64_t head_dim) {
+    vec8 acc = {0};
+    for (int64_t d = 0; d < head_dim; d += 8) acc += load8(q + d) * load8(k + d);
+    return sum8(acc);
+}
+
+/* Four dot products of q with k0..k3: four independent accumulator chains. */
+static inline void dot4(const float *q, const float *k0, const float *k1, const float *k2, const float *k3,
+                        int64_t head_dim, float *out) {
+    vec8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (int64_t d = 0; d < head_dim; d += 8) {
+        const vec8 qd = load8(q + d);
+        a0 += qd * load8(k0 + d);
+        a1 += qd * load8(k1 + d);
+        a2 += qd * load8(k2 + d);
+        a3 += qd * load8(k3 + d);
+    }
+    out[0] = sum8(a0), out[1] = sum8(a1), out[2] = sum8(a2), out[3] = sum8(a3);
+}
+
+/* Blocks are scattered in the pool, so the hardware prefetcher cannot run
+ * ahead from one block to the next: ask for the next block's K and V rows
+ * (into L2) while this block is computed. */
+static inline void prefetch_rows(const float *k, const float *v, int64_t num_rows, int64_t row_floats,
+                                 int64_t row_stride) {
+    for (int64_t r = 0; r < num_rows; ++r)
+        for (int64_t f = 0; f < row_floats; f += 16) {
+            __builtin_prefetch(k + r * row_stride + f, 0, 1);
+            __builtin_prefetch(v + r * row_stride + f, 0, 1);
+        }
+}
+
+static float adjust_score(float s, float soft_cap, float slope, int64_t distance) {
+    if (soft_cap > 0.0f) s = soft_cap * tanhf(s / soft_cap);
+    return s + slope * (float)distance;
+}
+
+/* Query heads [0, num_q) of one request, which read KV heads [kv_first,
+ * kv_first + num_q / group).
+ * q/o: [num_q, head_dim]; scratch: 2 * num_q * head_dim + num_q * (block_size + 2) floats;
+ * staging: NULL, or 2 * block_stride floats when the item covers all KV heads. */
+static void attend_heads(float *restrict o, const float *restrict q, const float *restrict key_cache,
+                         const float *restrict value_cache, const int32_t *restrict table, int64_t first,
+                         int64_t seq_len, int64_t block_size, int64_t block_stride, int64_t token_stride,
+                         int64_t kv_first, int64_t num_q, int64_t group, int64_t head_dim, float scale,
+                         float soft_cap, const float *slopes, float *restrict scratch, float *restrict staging) {
+    float *q_scaled = scratch, *acc = q_scaled + num_q * head_dim;
+    float *running_max = acc + num_q * head_dim, *running_sum = running_max + num_q;
+    float *scores = running_sum + num_q; /* [num_q, block_size] */
+    const int plain = soft_cap <= 0.0f && slopes == NULL;
+    for (int64_t i = 0; i < num_q * head_dim; ++i) q_scaled[i] = q[i] * scale, acc[i] = 0.0f;
+    for (int64_t h = 0; h < num_q; ++h) running_max[h] = -INFINITY, running_sum[h] = 0.0f;
+
+    for (int64_t tile_start = first - first % block_size; tile_start < seq_len; tile_start += block_size) {
+        const int64_t block = table[tile_start / block_size];
+        const int64_t lo = tile_start < first ? first - tile_start : 0;
+        const int64_t hi = seq_len - tile_start < block_size ? seq_len - tile_start : block_size;
+        const int64_t next_block = tile_start + block_size < seq_len ? table[tile_start / block_size + 1] : -1;
+        const float *block_keys = key_cache + block * block_stride, *block_values = value_cache + block * block_stride;
+        if (staging) {
+            /* All heads: copy the block first. memcpy streams it at full memory
+             * bandwidth; the strided per-head reads below then hit L1. */
+            memcpy(staging, block_keys, sizeof(float) * block_stride);
+            memcpy(staging + block_stride, block_values, sizeof(float) * block_stride);
+            block_keys = staging, block_values = staging + block_stride;
+            if (next_block >= 0)
+                prefetch_rows(key_cache + next_block * block_stride, value_cache + next_block * block_stride, 1,
+                              block_stride, 0);
+        }
+        for (int64_t h = 0; h < num_q; ++h) {
+            const int64_t head_start = (kv_first + h / group) * head_dim;
+            const float *keys = block_keys + head_start;
+            const float *values = block_values + head_start;
+            if (!staging && h % group == 0 && next_block >= 0)
+                prefetch_rows(key_cache + next_block * block_stride + head_start,
+                              value_cache + next_block * block_stride + head_start, block_size, head_dim,
+                              token_stride);
+            const float *qh = q_scaled + h * head_dim;
+            float *sh = scores + h * block_size, *ah = acc + h * head_dim;
+            int64_t j = lo;
+            for (; j + KEYS_PER_TILE <= hi; j += KEYS_PER_TILE) {
+                const float *k = keys + j * token_stride;
+                dot4(qh, k, k + token_stride, k + 2 * token_stride, k + 3 * token_stride, head_dim, sh + j);
+            }
+            for (; j < hi; ++j) sh[j] = dot(qh, keys + j * token_stride, head_dim);
+            if (!plain) {
+                const float slope = slopes ? slopes[h] : 0.0f;
+                for (j = lo; j < hi; ++j) sh[j] = adjust_score(sh[j], soft_cap, slope, tile_start + j - (seq_len - 1));
+            }
+            /* Online softmax: rescale what was summed so far when the max grows. */
+            float block_max = running_max[h];
+            for (j = lo; j < hi; ++j) block_max = sh[j] > block_max ? sh[j] : block_max;
+            const float correction = expf(running_max[h] - block_max);
+            float sum = running_sum[h] * correction;
+            for (j = lo; j < hi; ++j) {
+                sh[j] = expf(sh[j] - block_max);
+                sum += sh[j];
+            }
+            running_max[h] = block_max, running_sum[h] = sum;
+            int64_t d = 0;
+            for (; d + 32 <= head_dim; d += 32) { /* four independent accumulator chains */
+                vec8 a0 = load8(ah + d) * correction, a1 = load8(ah + d + 8) * correction;
+                vec8 a2 = load8(ah + d + 16) * correction, a3 = load8(ah + d + 24) * correction;
+                for (j = lo; j < hi; ++j) {
+                    const float *v = values + j * token_stride + d;
+                    a0 += sh[j] * load8(v), a1 += sh[j] * load8(v + 8);
+                    a2 += sh[j] * load8(v + 16), a3 += sh[j] * load8(v + 24);
+                }
+                store8(ah + d, a0), store8(ah + d + 8, a1), store8(ah + d + 16, a2), store8(ah + d + 24, a3);
+            }
+            for (; d < head_dim; d += 8) {
+                vec8 a = load8(ah + d) * correction;
+                for (j = lo; j < hi; ++j) a += sh[j] * load8(values + j * token_stride + d);
+                store8(ah + d, a);
+            }
+        }
+    }
+    for (int64_t h = 0; h < num_q; ++h) {
+        const float inv = 1.0f / running_sum[h];
+        for (int64_t d = 0; d < head_dim; ++d) o[h * head_dim + d] = acc[h * head_dim + d] * inv;
+    }
+}
+
+/* Returns 0, or -1 when head_dim is not a multiple of 8 (the caller checks
+ * first) or scratch memory cannot be allocated. */
+int paged_decode_attention_f32(
     float *restrict out, const float *restrict query, const float *restrict kv_cache,
     const int32_t *restrict block_table, const int64_t *restrict rows, const int64_t *restrict table_rows,
     const int64_t *restrict seq_lens, int64_t num_requests, int64_t num_blocks, int64_t max_blocks,
     int64_t block_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale,
     int64_t sliding_window, float soft_cap, const float *restrict alibi_slopes) {
     const int64_t group = num_heads / num_kv_heads;
+    if (head_dim % 8) return -1;
     const int64_t token_stride = num_kv_heads * head_dim;
     const int64_t block_stride = block_size * token_stride;
     const float *value_cache = kv_cache + num_blocks * block_stride;
 
-#pragma omp parallel for schedule(dynamic, 1) if (num_requests * num_kv_heads >= 8)
-    for (int64_t item = 0; item < num_requests * num_kv_heads; ++item) {
-        const int64_t req = item / num_kv_heads, kv_head = item % num_kv_heads;
-        const int64_t seq_len = seq_lens[req], query_pos = seq_len - 1;
-        const int32_t *table = block_table + table_rows[req] * max_blocks;
-        const float *q = query + (rows[req] * num_heads + kv_head * group) * head_dim;
-        float *o = out + (rows[req] * num_heads + kv_head * group) * head_dim;
-        const int64_t first = sliding_window > 0 && seq_len > sliding_window ? seq_len - sliding_window : 0;
-        const int64_t num_keys = seq_len - first;
-        /* Two passes: scores of every key (pass 1), then the softmax-weighted sum
-         * of values (pass 2). K and V are each read once; no rescaling per key. */
-        float *scores = malloc(sizeof(float) * group * num_keys);
-        float max_score[MAX_GROUP], inv_sum[MAX_GROUP];
-        for (int64_t g = 0; g < group; ++g) max_score[g] = -INFINITY;
-        for (int64_t pos = first; pos < seq_len; ++pos) {
-            const float *k = kv_cache + (int64_t)table[pos / block_size] * block_stride
-                             + (pos % block_size) * token_stride + kv_head * head_dim;
-            for (int64_t g = 0; g < group; ++g) {
-                const float *qg = q + g * head_dim;
-                float dot = 0.0f;
-                for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * k[d];
-                float s = dot * scale;
-                if (soft_cap > 0.0f) s = soft_cap * tanhf(s / soft_cap);
-                if (alibi_slopes) s += alibi_slopes[kv_head * group + g] * (float)(pos - query_pos);
-                scores[g * num_keys + pos - first] = s;
-                if (s > max_score[g]) max_score[g] = s;
-            }
+    /* A work item is one request, or one (request, KV head) pair when there are
+     * too few requests to keep every thread busy. */
+    const int64_t heads_per_item = num_requests >= 4 ? num_kv_heads : 1;
+    const int64_t items_per_request = num_kv_heads / heads_per_item;
+    const int64_t num_q = heads_per_item * group;
+    const int64_t scratch_floats = 2 * num_q * head_dim + num_q * (block_size + 2) + 2 * block_stride;
+    int failed = 0;
+#pragma omp parallel if (num_requests * items_per_request >= 2)
+    {
+        float *scratch = malloc(sizeof(float) * scratch_floats);
+        if (scratch == NULL) {
+#pragma omp atomic write
+            failed = 1;
         }
-        for (int64_t g = 0; g < group; ++g) {
-            float sum = 0.0f, *sg = scores + g * num_keys;
-            for (int64_t j = 0; j < num_keys; ++j) {
-                sg[j] = expf(sg[j] - max_score[g]);
-                sum += sg[j];
-            }
-            inv_sum[g] = 1.0f / sum;
-            for (int64_t d = 0; d < head_dim; ++d) o[g * head_dim + d] = 0.0f;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < num_requests * items_per_request; ++item) {
+            if (scratch == NULL) continue;
+            const int64_t req = item / items_per_request, kv_first = item % items_per_request * heads_per_item;
+            const int64_t seq_len = seq_lens[req];
+            const int64_t first = sliding_window > 0 && seq_len > sliding_window ? seq_len - sliding_window : 0;
+            const int64_t head_offset = (rows[req] * num_heads + kv_first * group) * head_dim;
+            attend_heads(out + head_offset, query + head_offset, kv_cache, value_cache,
+                         block_table + table_rows[req] * max_blocks, first, seq_len, block_size, block_stride,
+                         token_stride, kv_first, num_q, group, head_dim, scale, soft_cap,
+                         alibi_slopes ? alibi_slopes + kv_first * group : NULL, scratch,
+                         heads_per_item == num_kv_heads ? scratch + scratch_floats - 2 * block_stride : NULL);
         }
-        for (int64_t pos = first; pos < seq_len; ++pos) {
-            const float *v = value_cache + (int64_t)table[pos / block_size] * block_stride
-                             + (pos % block_size) * token_stride + kv_head * head_dim;
-            for (int64_t g = 0; g < group; ++g) {
-                const float weight = scores[g * num_keys + pos - first] * inv_sum[g];
-                float *og = o + g * head_dim;
-                for (int64_t d = 0; d < head_dim; ++d) og[d] += weight * v[d];
-            }
-        }
-        free(scores);
+        free(scratch);
     }
+    return failed ? -1 : 0;
 }

@@ -37,25 +37,28 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: 
     num_queries, num_heads, head_dim = query.shape
     context_len, num_kv_heads = key.shape[0], key.shape[1]
     start = context_len - num_queries
-    plain = sliding_window is None and alibi_slopes is None and logits_soft_cap is None
-    if plain and start == 0:
-        out = F.scaled_dot_product_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
-                                             is_causal=True, scale=scale, enable_gqa=True)
-        return out.transpose(0, 1)
+    q_pos = torch.arange(start, context_len, device=query.device).unsqueeze(1)  # [Lq, 1]
+    k_pos = torch.arange(context_len, device=query.device).unsqueeze(0)  # [1, L]
+    allowed = k_pos <= q_pos  # [Lq, L]
+    if sliding_window is not None:
+        allowed = allowed & (q_pos - k_pos < sliding_window)
+    if alibi_slopes is None and logits_soft_cap is None:
+        # 4-D inputs: only they reach the fused (flash) CPU kernel, 3-4x faster than
+        # the math fallback that 3-D inputs get.
+        causal_only = start == 0 and sliding_window is None
+        out = F.scaled_dot_product_attention(query.transpose(0, 1)[None], key.transpose(0, 1)[None],
+                                             value.transpose(0, 1)[None], attn_mask=None if causal_only else allowed,
+                                             is_causal=causal_only, scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1)
     group = num_heads // num_kv_heads
     q = query.view(num_queries, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, Lq, D]
     k = key.permute(1, 2, 0).unsqueeze(1)  # [Hkv, 1, D, L]
     scores = torch.matmul(q.float(), k.float()) * scale  # [Hkv, G, Lq, L]
     if logits_soft_cap is not None:
         scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
-    q_pos = torch.arange(start, context_len, device=query.device).unsqueeze(1)  # [Lq, 1]
-    k_pos = torch.arange(context_len, device=query.device).unsqueeze(0)  # [1, L]
     if alibi_slopes is not None:
         slopes = alibi_slopes.view(num_kv_heads, group, 1, 1).float()
         scores = scores + slopes * (k_pos - q_pos).float()
-    allowed = k_pos <= q_pos
-    if sliding_window is not None:
-        allowed = allowed & (q_pos - k_pos < sliding_window)
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, value.permute(1, 0, 2).unsqueeze(1).float())  # [Hkv, G, Lq, D]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+from pagedllm.layers.linear import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -59,5 +60,5 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight, self.bias)
+        logits = linear(hidden_states, self.weight, self.bias)
         return tp_all_gather(logits)[..., :self.vocab_size]

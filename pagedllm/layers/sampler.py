@@ -90,12 +90,14 @@ def _random_sample(probs: torch.Tensor, seeds: list[int | None]) -> torch.Tensor
     return (probs / noise).argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] float32 -> (token ids [B], raw log-probabilities [B, V]).
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits [B, V] float32 -> (token ids [B], raw log-probabilities [B, V], or
+    None when no row asked for logprobs).
 
     Log-probabilities are those of the model (before penalties and
     temperature), as vLLM reports them."""
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    wants_logprobs = any(n is not None for n in batch.num_logprobs)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
     logits = apply_penalties(logits, batch)
     for row, token_ids in batch.suppressed_tokens:
         logits[row, token_ids] = float("-inf")

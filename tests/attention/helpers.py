@@ -39,6 +39,9 @@ CASES = {
     "dim48": Case((1, 9), (20, 9), 2, 1, 48, 6),
     # decode-only batch
     "decode_only": Case((1, 1, 1, 1), (5, 16, 17, 64), 8, 2, 64, 16),
+    # enough decodes for whole-request work items; contexts shorter than a key
+    # tile; head_dim 80 (two 32-wide chunks and a remainder)
+    "decode_group3_dim80": Case((1, 1, 1, 1, 1, 1), (2, 3, 17, 40, 100, 257), 6, 2, 80, 16),
 }
 
 # name -> paged_attention keyword arguments (alibi_slopes as a flag, made per case)
