@@ -1,74 +1,26 @@
 """Paged attention for CPUs: a small C kernel for decode tokens, the reference
 torch backend for the rest.
 
-The C kernel (cpu_decode_attention.c) reads K/V in place from the blocks; the
-torch reference must gather each request's context into new tensors, which
-dominated decode steps. It is compiled once per machine with the system C
-compiler (about a second, no torch headers) and cached; without a compiler the
-torch backend is used. OpenMP comes from the libgomp that torch already
-loaded, so both share one thread pool.
+The C kernel (cpu_decode_attention.c, built by pagedllm.cpu_kernels) reads K/V
+in place from the blocks; the torch reference must gather each request's
+context into new tensors, which dominated decode steps. Without a compiler the
+torch backend is used.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 
 import numpy as np
 import torch
 
 from pagedllm.attention import torch_backend
 from pagedllm.attention.metadata import AttentionMetadata
-from pagedllm.config import cache_dir
-
-logger = logging.getLogger(__name__)
+from pagedllm.cpu_kernels import load_kernel_library
 
 write_kv = torch_backend.write_kv
 
-_SOURCE = os.path.join(os.path.dirname(__file__), "cpu_decode_attention.c")
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 _INT64, _FLOAT = ctypes.c_int64, ctypes.c_float
-
-
-def _cpu_signature() -> str:
-    """-march=native binaries are only valid on the CPU they were built for."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
-
-
-@functools.cache
-def load_kernel_library() -> ctypes.CDLL | None:
-    """The compiled kernel, building it on first use; None if it cannot be built."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.warning("no C compiler found: CPU decode attention falls back to plain PyTorch")
-        return None
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
-    library = os.path.join(cache_dir(), "kernels", key, "libpagedllm_cpu.so")
-    if not os.path.isfile(library):
-        os.makedirs(os.path.dirname(library), exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=os.path.dirname(library)) as tmp:
-            built = os.path.join(tmp, "lib.so")
-            result = subprocess.run([compiler, *_FLAGS, _SOURCE, "-o", built, "-lm"], capture_output=True, text=True)
-            if result.returncode != 0:
-                logger.warning("building the CPU attention kernel failed, using plain PyTorch:\n%s", result.stderr)
-                return None
-            os.replace(built, library)  # atomic: concurrent builders never see a partial file
-    lib = ctypes.CDLL(library)
-    lib.paged_decode_attention_f32.restype = ctypes.c_int
-    return lib
 
 
 def _ptr(tensor: torch.Tensor) -> ctypes.c_void_p:
@@ -102,8 +54,9 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
                     sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
                     logits_soft_cap: float | None = None) -> torch.Tensor:
     """Same contract as torch_backend.paged_attention."""
+    query = query.contiguous()  # the kernel takes dense rows; queries rotated in place are QKV slices
     decodes = np.flatnonzero(metadata.query_lens_np == 1)
-    usable = (query.dtype == torch.float32 and query.is_contiguous() and query.shape[2] % 8 == 0
+    usable = (query.dtype == torch.float32 and query.shape[2] % 8 == 0
               and len(decodes) and load_kernel_library() is not None)
     if not usable:
         return torch_backend.paged_attention(query, kv_cache, metadata, scale, sliding_window, alibi_slopes,

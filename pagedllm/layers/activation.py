@@ -6,11 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.layers import cpu_fused
+
 
 class SiluAndMul(nn.Module):
     """x: [..., 2*d] = [gate | up] -> silu(gate) * up: [..., d]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = cpu_fused.silu_and_mul(x)
+        if fused is not None:
+            return fused
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagedllm.layers import cpu_fused
+
 
 class RMSNorm(nn.Module):
     """y = x / rms(x) * (weight + offset), computed in float32.
@@ -24,8 +26,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """With `residual`: returns (norm(x + residual), x + residual) — the sum is
-        the next residual, so the add happens once."""
+        the next residual, so the add happens once. On CPU in float32 one fused
+        kernel does it in place (x and residual are this step's own activations)."""
         if residual is None:
-            return self._norm(x)
+            fused = cpu_fused.rms_norm(x, self.weight, self.eps, self.weight_offset)
+            return fused if fused is not None else self._norm(x)
+        if cpu_fused.add_rms_norm_(x, residual, self.weight, self.eps, self.weight_offset):
+            return x, residual
         summed = x + residual
         return self._norm(summed), summed

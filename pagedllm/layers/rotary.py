@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from pagedllm.layers import cpu_fused
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -54,7 +56,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
-        """positions [T]; query [T, Hq, D], key [T, Hkv, D] -> rotated (new tensors)."""
+        """positions [T]; query [T, Hq, D], key [T, Hkv, D] -> rotated: in place on CPU
+        in float32 (they are slices of this step's QKV output), else new tensors."""
+        if cpu_fused.rotary_(query, key, positions, self.cos_cache, self.sin_cache):
+            return query, key
         cos = self.cos_cache[positions].unsqueeze(1).to(query.dtype)  # [T, 1, rotary_dim]
         sin = self.sin_cache[positions].unsqueeze(1).to(query.dtype)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)

@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import pytest
 
+from pagedllm import cpu_kernels
 from pagedllm.attention import cpu_backend
 from tests.attention.helpers import FEATURES, case_params, check_backend
 
 
 def test_kernel_builds_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("PAGEDLLM_CACHE_DIR", str(tmp_path))
-    cpu_backend.load_kernel_library.cache_clear()
+    cpu_kernels.load_kernel_library.cache_clear()
     try:
-        assert cpu_backend.load_kernel_library() is not None
+        assert cpu_kernels.load_kernel_library() is not None
         assert list(tmp_path.glob("kernels/*/libpagedllm_cpu.so"))
     finally:
-        cpu_backend.load_kernel_library.cache_clear()
+        cpu_kernels.load_kernel_library.cache_clear()
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))

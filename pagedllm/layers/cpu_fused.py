@@ -1,0 +1,78 @@
+"""Python side of cpu_fused_ops.c: fused RMSNorm (with the residual add),
+SiLU-and-mul and rotary embedding for float32 tensors on CPU.
+
+Each function returns None (or False) when its kernel cannot run here (another
+dtype or device, a layout it does not take, no C compiler); the caller then
+evaluates its PyTorch expression, which stays the tested reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from pagedllm.cpu_kernels import load_kernel_library
+
+_INT64, _FLOAT = ctypes.c_int64, ctypes.c_float
+
+
+def _ptr(tensor: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+def _library(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    if all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
+        return load_kernel_library()
+    return None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float) -> torch.Tensor | None:
+    """x [..., dim] -> x / rms(x) * (weight + offset), a new tensor."""
+    lib = _library(x, weight)
+    if lib is None or not x.is_contiguous():
+        return None
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    lib.rms_norm_f32(_ptr(out), _ptr(x), _ptr(weight), _INT64(x.numel() // dim), _INT64(dim), _FLOAT(eps),
+                     _FLOAT(weight_offset))
+    return out
+
+
+def add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                  weight_offset: float) -> bool:
+    """In place: residual += x, x = rms_norm(residual). x, residual [tokens, dim]."""
+    lib = _library(x, residual, weight)
+    if lib is None or not (x.is_contiguous() and residual.is_contiguous()) or x.shape != residual.shape:
+        return False
+    dim = x.shape[-1]
+    lib.add_rms_norm_f32(_ptr(x), _ptr(residual), _ptr(weight), _INT64(x.numel() // dim), _INT64(dim),
+                         _FLOAT(eps), _FLOAT(weight_offset))
+    return True
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
+    """x [tokens, 2d] (gate | up) -> silu(gate) * up [tokens, d]."""
+    lib = _library(x)
+    if lib is None or not x.is_contiguous() or x.dim() != 2:
+        return None
+    d = x.shape[1] // 2
+    out = torch.empty(x.shape[0], d, dtype=x.dtype)
+    lib.silu_and_mul_f32(_ptr(out), _ptr(x), _INT64(x.shape[0]), _INT64(d))
+    return out
+
+
+def rotary_(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
+            sin_cache: torch.Tensor) -> bool:
+    """Rotate query [tokens, heads, head_dim] and key [tokens, kv_heads, head_dim] in
+    place (their first rotary_dim = cos_cache.shape[1] features); either may be a
+    column slice of a wider matrix. Both or neither are rotated."""
+    lib = _library(query, key, cos_cache, sin_cache)
+    if (lib is None or positions.dtype != torch.int64 or positions.device.type != "cpu"
+            or not (positions.is_contiguous() and cos_cache.is_contiguous() and sin_cache.is_contiguous())
+            or any(x.stride(2) != 1 or x.stride(1) != x.shape[2] for x in (query, key))):
+        return False
+    for x in (query, key):
+        lib.rotary_f32(_ptr(x), _INT64(x.stride(0)), _INT64(x.shape[0]), _INT64(x.shape[1]), _INT64(x.shape[2]),
+                       _INT64(cos_cache.shape[1]), _ptr(positions), _ptr(cos_cache), _ptr(sin_cache))
+    return True
