@@ -98,8 +98,15 @@ def ensure_hf_folder(folder: str) -> str:
 
     gguf = resolve_model_path("smollm2-135m-instruct")
     directory, name = os.path.split(gguf)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    # A GGUF-loaded model counts as quantized and refuses save_pretrained: copy its
+    # (dequantized) weights into a plain model of the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -126,7 +133,10 @@ def main() -> None:
         with open(options_path, "w") as f:
             json.dump({"model": folder, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
                        "max_model_len": max_model_len}, f)
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(args.kv_cache_gib), VLLM_TARGET_DEVICE="cpu")
+        # Every core to the model, as pagedllm gets them: vLLM's "auto" binding keeps
+        # one core of two for its front-end process.
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(args.kv_cache_gib), VLLM_TARGET_DEVICE="cpu",
+                   VLLM_CPU_OMP_THREADS_BIND=f"0-{os.cpu_count() - 1}", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
         completed = subprocess.run([python, "-c", CHILD, requests_path, options_path], env=env,
                                    capture_output=True, text=True)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
