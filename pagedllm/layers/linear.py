@@ -8,6 +8,7 @@ Weights are [out_features, in_features] as in torch.nn.Linear.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 _ONEDNN_LINEAR = (torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available()
                   and hasattr(torch.ops.mkldnn, "_linear_pointwise") else None)
+# oneDNN keeps one compiled kernel per matmul shape, and every batch size is a new
+# shape: with its default cache of 1024 kernels a server's RSS grew ~1 MiB per new
+# batch size (the soak test). 64 holds the shapes of the last dozen batch sizes.
+# Read by oneDNN on first use, so this must run before the first matmul.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 
 def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
