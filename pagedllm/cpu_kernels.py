@@ -40,6 +40,14 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
+INT64, FLOAT = ctypes.c_int64, ctypes.c_float
+
+
+def pointer(tensor) -> ctypes.c_void_p:
+    """A tensor's data pointer, as the kernels take it."""
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
 @functools.cache
 def load_kernel_library() -> ctypes.CDLL | None:
     """The compiled kernels, building them on first use; None if they cannot be built."""

@@ -16,16 +16,9 @@ import torch
 
 from pagedllm.attention import torch_backend
 from pagedllm.attention.metadata import AttentionMetadata
-from pagedllm.cpu_kernels import load_kernel_library
+from pagedllm.cpu_kernels import FLOAT, INT64, load_kernel_library, pointer
 
 write_kv = torch_backend.write_kv
-
-_INT64, _FLOAT = ctypes.c_int64, ctypes.c_float
-
-
-def _ptr(tensor: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(tensor.data_ptr())
-
 
 def decode_attention(output: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      rows: np.ndarray, table_rows: np.ndarray, seq_lens: np.ndarray, scale: float,
@@ -40,12 +33,12 @@ def decode_attention(output: torch.Tensor, query: torch.Tensor, kv_cache: torch.
     seq_lens = np.ascontiguousarray(seq_lens, dtype=np.int64)
     slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else None
     status = lib.paged_decode_attention_f32(
-        _ptr(output), _ptr(query), _ptr(kv_cache), _ptr(block_table),
+        pointer(output), pointer(query), pointer(kv_cache), pointer(block_table),
         rows.ctypes.data_as(ctypes.c_void_p), table_rows.ctypes.data_as(ctypes.c_void_p),
-        seq_lens.ctypes.data_as(ctypes.c_void_p), _INT64(len(rows)), _INT64(num_blocks),
-        _INT64(block_table.shape[1]), _INT64(block_size), _INT64(num_heads), _INT64(num_kv_heads),
-        _INT64(head_dim), _FLOAT(scale), _INT64(sliding_window or 0), _FLOAT(logits_soft_cap or 0.0),
-        _ptr(slopes) if slopes is not None else None)
+        seq_lens.ctypes.data_as(ctypes.c_void_p), INT64(len(rows)), INT64(num_blocks),
+        INT64(block_table.shape[1]), INT64(block_size), INT64(num_heads), INT64(num_kv_heads),
+        INT64(head_dim), FLOAT(scale), INT64(sliding_window or 0), FLOAT(logits_soft_cap or 0.0),
+        pointer(slopes) if slopes is not None else None)
     if status != 0:
         raise MemoryError(f"CPU decode attention: out of memory (or head size {head_dim} not a multiple of 8)")
 

@@ -12,14 +12,7 @@ import ctypes
 
 import torch
 
-from pagedllm.cpu_kernels import load_kernel_library
-
-_INT64, _FLOAT = ctypes.c_int64, ctypes.c_float
-
-
-def _ptr(tensor: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(tensor.data_ptr())
-
+from pagedllm.cpu_kernels import FLOAT, INT64, load_kernel_library, pointer
 
 def _library(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     if all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
@@ -34,8 +27,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: f
         return None
     out = torch.empty_like(x)
     dim = x.shape[-1]
-    lib.rms_norm_f32(_ptr(out), _ptr(x), _ptr(weight), _INT64(x.numel() // dim), _INT64(dim), _FLOAT(eps),
-                     _FLOAT(weight_offset))
+    lib.rms_norm_f32(pointer(out), pointer(x), pointer(weight), INT64(x.numel() // dim), INT64(dim), FLOAT(eps),
+                     FLOAT(weight_offset))
     return out
 
 
@@ -46,8 +39,8 @@ def add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     if lib is None or not (x.is_contiguous() and residual.is_contiguous()) or x.shape != residual.shape:
         return False
     dim = x.shape[-1]
-    lib.add_rms_norm_f32(_ptr(x), _ptr(residual), _ptr(weight), _INT64(x.numel() // dim), _INT64(dim),
-                         _FLOAT(eps), _FLOAT(weight_offset))
+    lib.add_rms_norm_f32(pointer(x), pointer(residual), pointer(weight), INT64(x.numel() // dim), INT64(dim),
+                         FLOAT(eps), FLOAT(weight_offset))
     return True
 
 
@@ -58,7 +51,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
         return None
     d = x.shape[1] // 2
     out = torch.empty(x.shape[0], d, dtype=x.dtype)
-    lib.silu_and_mul_f32(_ptr(out), _ptr(x), _INT64(x.shape[0]), _INT64(d))
+    lib.silu_and_mul_f32(pointer(out), pointer(x), INT64(x.shape[0]), INT64(d))
     return out
 
 
@@ -73,6 +66,6 @@ def rotary_(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, cos
             or any(x.stride(2) != 1 or x.stride(1) != x.shape[2] for x in (query, key))):
         return False
     for x in (query, key):
-        lib.rotary_f32(_ptr(x), _INT64(x.stride(0)), _INT64(x.shape[0]), _INT64(x.shape[1]), _INT64(x.shape[2]),
-                       _INT64(cos_cache.shape[1]), _ptr(positions), _ptr(cos_cache), _ptr(sin_cache))
+        lib.rotary_f32(pointer(x), INT64(x.stride(0)), INT64(x.shape[0]), INT64(x.shape[1]), INT64(x.shape[2]),
+                       INT64(cos_cache.shape[1]), pointer(positions), pointer(cos_cache), pointer(sin_cache))
     return True
