@@ -20,9 +20,9 @@ def load_tokenizer(model_config: ModelConfig):
         from pagedllm.loader.gguf_loader import load_gguf_tokenizer
 
         return load_gguf_tokenizer(model_config.path)
-    from transformers import AutoTokenizer
+    from pagedllm.loader.tokenizer import load_tokenizer_folder
 
-    return AutoTokenizer.from_pretrained(model_config.path)
+    return load_tokenizer_folder(model_config.path)
 
 
 def eos_token_ids(model_config: ModelConfig, tokenizer) -> tuple[int, ...]:

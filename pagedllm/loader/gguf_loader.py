@@ -23,15 +23,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import gguf
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pagedllm.config import cache_dir
+from pagedllm.loader.tokenizer import load_tokenizer_folder
 
 if TYPE_CHECKING:
+    import gguf
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ def gguf_hf_config(path: str) -> dict[str, Any]:
     if os.path.isfile(cache_file):
         with open(cache_file, encoding="utf-8") as f:
             return json.load(f)
+    import gguf  # only on a cache miss: importing it costs ~0.25 s of start-up
+
     config = _build_config(gguf.GGUFReader(path), path)
     try:
         os.makedirs(os.path.dirname(cache_file), exist_ok=True)
@@ -286,6 +289,8 @@ def _write_weight_cache(weights: dict[str, torch.Tensor], cache_file: str) -> No
 
 
 def _dequantized_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    import gguf  # only on a cache miss (see gguf_hf_config)
+
     reader = gguf.GGUFReader(path)
     arch = _architecture(reader, path)
     spec = _ARCHS[arch]
@@ -316,6 +321,8 @@ def _hf_name(gguf_name: str, spec: _ArchSpec, path: str) -> str:
 
 
 def _dequantize(tensor: gguf.ReaderTensor, path: str) -> torch.Tensor:
+    import gguf
+
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as e:
@@ -353,7 +360,7 @@ def load_gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
     # keyed by the transformers version too: its GGUF tokenizer conversion may change
     cache = os.path.join(_cache_dir(path), f"tokenizer-transformers-{transformers.__version__}")
     if os.path.isdir(cache):
-        return transformers.AutoTokenizer.from_pretrained(cache)
+        return load_tokenizer_folder(cache)
     dirname, basename = os.path.split(os.path.abspath(path))
     # transformers copies tokenizer.chat_template from the metadata onto the tokenizer
     tokenizer = transformers.AutoTokenizer.from_pretrained(dirname, gguf_file=basename)
