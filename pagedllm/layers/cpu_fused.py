@@ -1,5 +1,5 @@
-"""Python side of cpu_fused_ops.c: fused RMSNorm (with the residual add),
-SiLU-and-mul and rotary embedding for float32 tensors on CPU.
+"""Python side of cpu_fused_ops.c (fused RMSNorm with the residual add, SiLU-and-mul,
+rotary embedding) and cpu_small_gemm.c (linear layers for a few rows), float32 on CPU.
 
 Each function returns None (or False) when its kernel cannot run here (another
 dtype or device, a layout it does not take, no C compiler); the caller then
@@ -69,3 +69,17 @@ def rotary_(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, cos
         lib.rotary_f32(pointer(x), INT64(x.stride(0)), INT64(x.shape[0]), INT64(x.shape[1]), INT64(x.shape[2]),
                        INT64(cos_cache.shape[1]), pointer(positions), pointer(cos_cache), pointer(sin_cache))
     return True
+
+
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x [rows, in] @ weight [out, in]^T (+ bias [out]) -> [rows, out], for small row counts."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    lib = _library(*tensors)
+    if (lib is None or x.dim() != 2 or x.stride(1) != 1 or not weight.is_contiguous()
+            or (bias is not None and not bias.is_contiguous())):
+        return None
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
+    lib.small_gemm_f32(pointer(out), pointer(x), INT64(x.stride(0)), pointer(weight),
+                       pointer(bias) if bias is not None else None, INT64(x.shape[0]), INT64(x.shape[1]),
+                       INT64(weight.shape[0]))
+    return out

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
+from pagedllm.layers import cpu_fused
 
 
 def divide(numerator: int, denominator: int) -> int:
@@ -52,12 +53,21 @@ def shard_attention_heads(num_heads: int, num_kv_heads: int, tp_size: int, tp_ra
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] -> [T, out], as F.linear. float32 on CPU goes through oneDNN: the
-    MKL sgemm behind F.linear ran 1.2-2.3x slower on these models' wide matrices
-    (LM head 576 -> 49152, gate/up 576 -> 3072, batches of 16-256 rows, AVX2 EPYC)."""
-    if x.dtype == torch.float32 and x.device.type == "cpu" and _ONEDNN_LINEAR is not None:
-        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    """x [T, in] -> [T, out], as F.linear. float32 on CPU: up to SMALL_GEMM_MAX_ROWS rows
+    through cpu_small_gemm.c (streams the weights at 1.5-2x oneDNN's rate), more through
+    oneDNN: the MKL sgemm behind F.linear ran 1.2-2.3x slower on these models' wide
+    matrices (LM head 576 -> 49152, gate/up 576 -> 3072, batches of 16-256 rows, AVX2 EPYC)."""
+    if x.dtype == torch.float32 and x.device.type == "cpu":
+        if x.shape[0] <= SMALL_GEMM_MAX_ROWS:
+            out = cpu_fused.small_linear(x, weight, bias)
+            if out is not None:
+                return out
+        if _ONEDNN_LINEAR is not None:
+            return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+SMALL_GEMM_MAX_ROWS = 48  # measured: 1.2-2.7x oneDNN up to 48 rows, slower from 64
 
 
 _ONEDNN_LINEAR = (torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available()

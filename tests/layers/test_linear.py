@@ -1,4 +1,5 @@
-"""layers.linear.linear (oneDNN for float32 on CPU) against torch's F.linear."""
+"""layers.linear.linear (cpu_small_gemm.c for few rows, oneDNN for more, float32 on CPU)
+against torch's F.linear."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedllm.layers.linear import linear
+from pagedllm.layers import cpu_fused
+from pagedllm.layers.linear import SMALL_GEMM_MAX_ROWS, linear
 
 
-@pytest.mark.parametrize("rows", [1, 7, 128])
-@pytest.mark.parametrize("in_features,out_features", [(64, 3000), (576, 960), (1536, 576)])
+# 1..SMALL_GEMM_MAX_ROWS rows take the small-batch kernel, 128 oneDNN; 3001 and 61 are
+# not multiples of the kernel's 8-row weight tiles and 8-float vectors.
+@pytest.mark.parametrize("rows", [1, 7, SMALL_GEMM_MAX_ROWS, 128])
+@pytest.mark.parametrize("in_features,out_features", [(64, 3001), (576, 960), (1536, 576), (61, 13)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_float32_matches_plain_pytorch(rows, in_features, out_features, bias):
     generator = torch.Generator().manual_seed(rows * 7 + out_features)
@@ -22,12 +26,25 @@ def test_float32_matches_plain_pytorch(rows, in_features, out_features, bias):
     torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
-def test_a_sliced_input_matches():
+def test_small_batch_kernel_runs_and_matches():
+    """The kernel itself (not a silent fallback to oneDNN) against float64."""
+    x = torch.randn(5, 100)
+    weight = torch.randn(37, 100)
+    bias = torch.randn(37)
+    out = cpu_fused.small_linear(x, weight, bias)
+    assert out is not None
+    torch.testing.assert_close(out.double(), F.linear(x.double(), weight.double(), bias.double()), rtol=1e-5,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [6, 100])
+def test_a_sliced_input_matches(rows):
     """Hidden states gathered for the LM head are a fresh tensor, but row views of a
-    batch must work too."""
-    x = torch.randn(10, 64)
+    batch and column slices (a row stride wider than the row) must work too."""
+    x = torch.randn(rows + 4, 96)
     weight = torch.randn(32, 64)
-    torch.testing.assert_close(linear(x[2:8], weight), F.linear(x[2:8], weight), rtol=1e-5, atol=1e-5)
+    for view in (x[2:2 + rows, :64], x[2:2 + rows, 32:]):
+        torch.testing.assert_close(linear(view, weight), F.linear(view, weight), rtol=1e-5, atol=1e-5)
 
 
 def test_other_dtypes_are_plain_pytorch():
