@@ -42,6 +42,9 @@ CASES = {
     # enough decodes for whole-request work items; contexts shorter than a key
     # tile; head_dim 80 (two 32-wide chunks and a remainder)
     "decode_group3_dim80": Case((1, 1, 1, 1, 1, 1), (2, 3, 17, 40, 100, 257), 6, 2, 80, 16),
+    # head_dim 128 (the CPU kernel's other unrolled size); contexts over several of its
+    # touched-ahead stages (three 32 KiB blocks each here), a single-token context
+    "decode_dim128_stages": Case((1, 1, 1, 1, 1), (300, 47, 129, 1, 16), 8, 2, 128, 16),
 }
 
 # name -> paged_attention keyword arguments (alibi_slopes as a flag, made per case)
