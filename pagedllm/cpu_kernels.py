@@ -26,8 +26,9 @@ from pagedllm.config import cache_dir
 logger = logging.getLogger(__name__)
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = (os.path.join(_PACKAGE, "attention", "cpu_decode_attention.c"),
-           os.path.join(_PACKAGE, "layers", "cpu_fused_ops.c"), os.path.join(_PACKAGE, "layers", "cpu_small_gemm.c"))
+SOURCES = tuple(os.path.join(_PACKAGE, *parts) for parts in (
+    ("attention", "cpu_decode_attention.c"), ("attention", "cpu_write_kv.c"), ("layers", "cpu_fused_ops.c"),
+    ("layers", "cpu_small_gemm.c")))
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -72,6 +73,6 @@ def load_kernel_library() -> ctypes.CDLL | None:
             os.replace(built, library)  # atomic: concurrent builders never see a partial file
     lib = ctypes.CDLL(library)
     lib.paged_decode_attention_f32.restype = ctypes.c_int
-    for name in ("rms_norm_f32", "add_rms_norm_f32", "silu_and_mul_f32", "rotary_f32", "small_gemm_f32"):
+    for name in ("rms_norm_f32", "add_rms_norm_f32", "silu_and_mul_f32", "rotary_f32", "small_gemm_f32", "write_kv_f32"):
         getattr(lib, name).restype = None
     return lib

@@ -18,7 +18,20 @@ from pagedllm.attention import torch_backend
 from pagedllm.attention.metadata import AttentionMetadata
 from pagedllm.cpu_kernels import FLOAT, INT64, load_kernel_library, pointer
 
-write_kv = torch_backend.write_kv
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """key/value [T, Hkv, D] -> their slots in kv_cache (cpu_write_kv.c for float32)."""
+    lib = load_kernel_library() if kv_cache.dtype == torch.float32 else None
+    dense_rows = all(x.dtype == torch.float32 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
+                     for x in (key, value))
+    if lib is None or not dense_rows or not kv_cache.is_contiguous() or slot_mapping.dtype != torch.int64:
+        torch_backend.write_kv(key, value, kv_cache, slot_mapping)
+        return
+    slots = slot_mapping.contiguous()
+    lib.write_kv_f32(pointer(kv_cache), pointer(key), pointer(value), pointer(slots), INT64(key.shape[0]),
+                     INT64(key.shape[1] * key.shape[2]), INT64(key.stride(0)), INT64(value.stride(0)),
+                     INT64(kv_cache.shape[1] * kv_cache.shape[2]))
+
 
 def decode_attention(output: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      rows: np.ndarray, table_rows: np.ndarray, seq_lens: np.ndarray, scale: float,
