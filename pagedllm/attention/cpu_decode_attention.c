@@ -96,7 +96,9 @@ static inline void touch_block(const float *k, const float *v, int64_t block_flo
  * kv_first + num_q / group).
  * q/o: [num_q, head_dim]; scratch: 2 * num_q * head_dim + num_q * (block_size + 2) floats;
  * stage_blocks: blocks touched at a time when the item covers all KV heads, else 0. */
-static inline __attribute__((always_inline)) void attend_heads(float *restrict o, const float *restrict q, const float *restrict key_cache,
+/* always inlined: each head_dim the caller names as a constant gets its own unrolled copy */
+static inline __attribute__((always_inline)) void attend_heads(
+                         float *restrict o, const float *restrict q, const float *restrict key_cache,
                          const float *restrict value_cache, const int32_t *restrict table, int64_t first,
                          int64_t seq_len, int64_t block_size, int64_t block_stride, int64_t token_stride,
                          int64_t kv_first, int64_t num_q, int64_t group, int64_t head_dim, float scale,
