@@ -1,7 +1,7 @@
 """The C kernels for CPUs, built into one shared library on first use.
 
-Sources: attention/cpu_decode_attention.c (paged decode attention) and
-layers/cpu_fused_ops.c (fused norm / activation / rotary). They are compiled
+Sources (SOURCES): paged decode attention and the KV writer (attention/), fused
+norm / activation / rotary and the small-batch GEMM (layers/). They are compiled
 once per machine with the system C compiler (a couple of seconds, no torch
 headers: the kernels take raw pointers through ctypes) and cached under
 `$PAGEDLLM_CACHE_DIR/kernels`; without a compiler the callers use their PyTorch
@@ -73,6 +73,7 @@ def load_kernel_library() -> ctypes.CDLL | None:
             os.replace(built, library)  # atomic: concurrent builders never see a partial file
     lib = ctypes.CDLL(library)
     lib.paged_decode_attention_f32.restype = ctypes.c_int
-    for name in ("rms_norm_f32", "add_rms_norm_f32", "silu_and_mul_f32", "rotary_f32", "small_gemm_f32", "write_kv_f32"):
+    for name in ("rms_norm_f32", "add_rms_norm_f32", "silu_and_mul_f32", "rotary_f32", "small_gemm_f32",
+                 "write_kv_f32"):
         getattr(lib, name).restype = None
     return lib

@@ -14,6 +14,7 @@ import torch
 
 from pagedllm.cpu_kernels import FLOAT, INT64, load_kernel_library, pointer
 
+
 def _library(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     if all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
         return load_kernel_library()
