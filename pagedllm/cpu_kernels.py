@@ -57,9 +57,13 @@ def load_kernel_library() -> ctypes.CDLL | None:
         logger.warning("no C compiler found: the CPU kernels fall back to plain PyTorch")
         return None
     digest = hashlib.sha256(" ".join([compiler, *_FLAGS, _cpu_signature()]).encode())
-    for source in SOURCES:
-        with open(source, "rb") as f:
-            digest.update(f.read())
+    try:
+        for source in SOURCES:
+            with open(source, "rb") as f:
+                digest.update(f.read())
+    except OSError as e:  # an install without its package data
+        logger.warning("CPU kernel source missing (%s): the CPU kernels fall back to plain PyTorch", e)
+        return None
     library = os.path.join(cache_dir(), "kernels", digest.hexdigest()[:16], "libpagedllm_cpu.so")
     if not os.path.isfile(library):
         os.makedirs(os.path.dirname(library), exist_ok=True)
