@@ -5,8 +5,9 @@
  * is a request (or one of its KV heads when there are too few requests to
  * share among the threads); it streams the context block by block with an
  * online softmax (running max and sum per head), so no buffer grows with the
- * context. K/V rows of a KV head are read once per query head of its group;
- * the repeats hit L1.
+ * context. The query heads of a KV group are computed together, up to three
+ * at a time: each K/V row is loaded once for all of them (one layer, 128
+ * requests of 400 tokens, 3 heads per KV head: compute alone 2.7 -> 2.3 ms).
  *
  * Decode attention waits on memory (every step reads the whole KV context), so
  * whole-request items first read a few blocks at a time in address order, one
@@ -15,8 +16,9 @@
  * 128 requests of 400 tokens: 42 ms with plain strided reads, 8.1 ms copying the
  * blocks to a buffer with memcpy, 7.3 ms touching them in place.) Per-head items
  * prefetch the next block, and the inner loops keep independent accumulator
- * chains in flight: four keys' dot products at a time, 8-wide vectors
- * (GCC/Clang vector extensions, lowered to AVX2 / NEON / SSE by -march=native).
+ * chains in flight: four keys' dot products per head at a time, reduced by one
+ * transposing tree, 8-wide vectors (GCC/Clang vector extensions, lowered to
+ * AVX2 / NEON / SSE by -march=native).
  * head_dim 64 and 128 get their own copies of the loops (fully unrolled).
  *
  * kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V)
@@ -29,7 +31,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define KEYS_PER_TILE 4
 #define STAGE_BYTES (96 * 1024) /* blocks touched ahead per thread: well inside a 512 KiB L2 */
 
 typedef float vec8 __attribute__((vector_size(32)));
@@ -53,20 +54,6 @@ static inline float dot(const float *q, const float *k, int64_t head_dim) {
     return sum8(acc);
 }
 
-/* Four dot products of q with k0..k3: four independent accumulator chains. */
-static inline void dot4(const float *q, const float *k0, const float *k1, const float *k2, const float *k3,
-                        int64_t head_dim, float *out) {
-    vec8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    for (int64_t d = 0; d < head_dim; d += 8) {
-        const vec8 qd = load8(q + d);
-        a0 += qd * load8(k0 + d);
-        a1 += qd * load8(k1 + d);
-        a2 += qd * load8(k2 + d);
-        a3 += qd * load8(k3 + d);
-    }
-    out[0] = sum8(a0), out[1] = sum8(a1), out[2] = sum8(a2), out[3] = sum8(a3);
-}
-
 /* Blocks are scattered in the pool, so the hardware prefetcher cannot run
  * ahead from one block to the next: ask for the next block's K and V rows
  * (into L2) while this block is computed. */
@@ -84,12 +71,120 @@ static float adjust_score(float s, float soft_cap, float slope, int64_t distance
     return s + slope * (float)distance;
 }
 
-/* Reads every cache line of a block's K and V (the loads' sum is kept alive so
- * they are not optimized away). */
+/* Reads every cache line of a block's K and V. Four sums, so the loads do not
+ * wait on one add chain; they are kept alive so they are not optimized away. */
 static inline void touch_block(const float *k, const float *v, int64_t block_floats) {
-    vec8 sink = {0};
-    for (int64_t f = 0; f < block_floats; f += 16) sink += load8(k + f) + load8(v + f);
-    __asm__ volatile("" : : "x"(sink));
+    vec8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    int64_t f = 0;
+    for (; f + 32 <= block_floats; f += 32)
+        s0 += load8(k + f), s1 += load8(v + f), s2 += load8(k + f + 16), s3 += load8(v + f + 16);
+    for (; f < block_floats; f += 16) s0 += load8(k + f) + load8(v + f);
+    __asm__ volatile("" : : "x"(s0 + s1 + s2 + s3));
+}
+
+typedef float vec4 __attribute__((vector_size(16)));
+
+/* (sum of a0, sum of a1, sum of a2, sum of a3): one transposing tree instead of four reductions. */
+static inline vec4 sum8x4(vec8 a0, vec8 a1, vec8 a2, vec8 a3) {
+    const vec8 t0 = __builtin_shufflevector(a0, a1, 0, 8, 1, 9, 4, 12, 5, 13)
+                    + __builtin_shufflevector(a0, a1, 2, 10, 3, 11, 6, 14, 7, 15);
+    const vec8 t1 = __builtin_shufflevector(a2, a3, 0, 8, 1, 9, 4, 12, 5, 13)
+                    + __builtin_shufflevector(a2, a3, 2, 10, 3, 11, 6, 14, 7, 15);
+    const vec8 u = __builtin_shufflevector(t0, t1, 0, 1, 8, 9, 4, 5, 12, 13)
+                   + __builtin_shufflevector(t0, t1, 2, 3, 10, 11, 6, 7, 14, 15);
+    return __builtin_shufflevector(u, u, 0, 1, 2, 3) + __builtin_shufflevector(u, u, 4, 5, 6, 7);
+}
+
+#define MAX_FUSED_HEADS 3
+
+/* scores[h * block_size + j] = q_h . k_j for nh (<= MAX_FUSED_HEADS) query
+ * heads of one KV head and keys [lo, hi) of a block: each key row is loaded
+ * once for all nh heads, four keys at a time. q: [nh, head_dim]. */
+static inline __attribute__((always_inline)) void block_scores(
+    float *restrict scores, const float *restrict q, const float *restrict keys, int64_t lo, int64_t hi,
+    int64_t token_stride, int64_t block_size, int64_t head_dim, int nh) {
+    int64_t j = lo;
+    for (; j + 4 <= hi; j += 4) {
+        const float *k = keys + j * token_stride;
+        vec8 a[MAX_FUSED_HEADS][4] = {{{0}}};
+        for (int64_t d = 0; d < head_dim; d += 8) {
+            const vec8 k0 = load8(k + d), k1 = load8(k + token_stride + d);
+            const vec8 k2 = load8(k + 2 * token_stride + d), k3 = load8(k + 3 * token_stride + d);
+            for (int h = 0; h < nh; ++h) {
+                const vec8 qd = load8(q + h * head_dim + d);
+                a[h][0] += qd * k0, a[h][1] += qd * k1, a[h][2] += qd * k2, a[h][3] += qd * k3;
+            }
+        }
+        for (int h = 0; h < nh; ++h) {
+            const vec4 s = sum8x4(a[h][0], a[h][1], a[h][2], a[h][3]);
+            memcpy(scores + h * block_size + j, &s, sizeof s);
+        }
+    }
+    for (; j < hi; ++j)
+        for (int h = 0; h < nh; ++h) scores[h * block_size + j] = dot(q + h * head_dim, keys + j * token_stride, head_dim);
+}
+
+/* acc_h[d, d + 8 * width) = acc_h * correction[h] + sum_j p[h * block_size + j] * v_j
+ * over keys [lo, hi): each slice of a value row is loaded once for all nh heads. */
+static inline __attribute__((always_inline)) void block_values_slice(
+    float *restrict acc, const float *restrict p, const float *restrict correction,
+    const float *restrict values, int64_t lo, int64_t hi, int64_t token_stride, int64_t block_size,
+    int64_t head_dim, int nh, int64_t d, int width) {
+    vec8 a[MAX_FUSED_HEADS][2];
+    for (int h = 0; h < nh; ++h)
+        for (int w = 0; w < width; ++w) a[h][w] = load8(acc + h * head_dim + d + 8 * w) * correction[h];
+    for (int64_t j = lo; j < hi; ++j) {
+        const float *v = values + j * token_stride + d;
+        vec8 vw[2];
+        for (int w = 0; w < width; ++w) vw[w] = load8(v + 8 * w);
+        for (int h = 0; h < nh; ++h) {
+            const float ph = p[h * block_size + j];
+            for (int w = 0; w < width; ++w) a[h][w] += ph * vw[w];
+        }
+    }
+    for (int h = 0; h < nh; ++h)
+        for (int w = 0; w < width; ++w) store8(acc + h * head_dim + d + 8 * w, a[h][w]);
+}
+
+/* The weighted values of one block for nh heads, 16 dims at a time. acc: [nh, head_dim]. */
+static inline __attribute__((always_inline)) void block_values(
+    float *restrict acc, const float *restrict p, const float *restrict correction,
+    const float *restrict values, int64_t lo, int64_t hi, int64_t token_stride, int64_t block_size,
+    int64_t head_dim, int nh) {
+    int64_t d = 0;
+    for (; d + 16 <= head_dim; d += 16)
+        block_values_slice(acc, p, correction, values, lo, hi, token_stride, block_size, head_dim, nh, d, 2);
+    if (d < head_dim)
+        block_values_slice(acc, p, correction, values, lo, hi, token_stride, block_size, head_dim, nh, d, 1);
+}
+
+/* One block for nh query heads of one KV head: scores, online-softmax update
+ * of running_max / running_sum, then the weighted values into acc. */
+static inline __attribute__((always_inline)) void attend_block(
+    float *restrict acc, float *restrict running_max, float *restrict running_sum, float *restrict scores,
+    const float *restrict q, const float *restrict keys, const float *restrict values, int64_t lo, int64_t hi,
+    int64_t token_stride, int64_t block_size, int64_t head_dim, int nh, float soft_cap, const float *slopes,
+    int64_t distance0) {
+    block_scores(scores, q, keys, lo, hi, token_stride, block_size, head_dim, nh);
+    float correction[MAX_FUSED_HEADS];
+    for (int h = 0; h < nh; ++h) {
+        float *sh = scores + h * block_size;
+        if (soft_cap > 0.0f || slopes != NULL) {
+            const float slope = slopes ? slopes[h] : 0.0f;
+            for (int64_t j = lo; j < hi; ++j) sh[j] = adjust_score(sh[j], soft_cap, slope, distance0 + j);
+        }
+        /* Online softmax: rescale what was summed so far when the max grows. */
+        float block_max = running_max[h];
+        for (int64_t j = lo; j < hi; ++j) block_max = sh[j] > block_max ? sh[j] : block_max;
+        correction[h] = expf(running_max[h] - block_max);
+        float sum = running_sum[h] * correction[h];
+        for (int64_t j = lo; j < hi; ++j) {
+            sh[j] = expf(sh[j] - block_max);
+            sum += sh[j];
+        }
+        running_max[h] = block_max, running_sum[h] = sum;
+    }
+    block_values(acc, scores, correction, values, lo, hi, token_stride, block_size, head_dim, nh);
 }
 
 /* Query heads [0, num_q) of one request, which read KV heads [kv_first,
@@ -106,7 +201,6 @@ static inline __attribute__((always_inline)) void attend_heads(
     float *q_scaled = scratch, *acc = q_scaled + num_q * head_dim;
     float *running_max = acc + num_q * head_dim, *running_sum = running_max + num_q;
     float *scores = running_sum + num_q; /* [num_q, block_size] */
-    const int plain = soft_cap <= 0.0f && slopes == NULL;
     for (int64_t i = 0; i < num_q * head_dim; ++i) q_scaled[i] = q[i] * scale, acc[i] = 0.0f;
     for (int64_t h = 0; h < num_q; ++h) running_max[h] = -INFINITY, running_sum[h] = 0.0f;
 
@@ -121,52 +215,25 @@ static inline __attribute__((always_inline)) void attend_heads(
                 const int64_t offset = table[tile_start / block_size + b] * block_stride;
                 touch_block(key_cache + offset, value_cache + offset, block_stride);
             }
-        for (int64_t h = 0; h < num_q; ++h) {
+        for (int64_t h = 0; h < num_q;) {
+            /* heads h .. h + nh - 1 share one KV head */
+            const int64_t left_in_group = group - h % group; /* 4 splits as 2 + 2, not 3 + 1 */
+            const int nh = left_in_group == 4 ? 2 : left_in_group < 3 ? (int)left_in_group : 3;
             const int64_t head_start = (kv_first + h / group) * head_dim;
-            const float *keys = block_keys + head_start;
-            const float *values = block_values + head_start;
             if (!stage_blocks && h % group == 0 && tile_start + block_size < seq_len) {
                 const int64_t next = table[tile_start / block_size + 1] * block_stride + head_start;
                 prefetch_rows(key_cache + next, value_cache + next, block_size, head_dim, token_stride);
             }
-            const float *qh = q_scaled + h * head_dim;
-            float *sh = scores + h * block_size, *ah = acc + h * head_dim;
-            int64_t j = lo;
-            for (; j + KEYS_PER_TILE <= hi; j += KEYS_PER_TILE) {
-                const float *k = keys + j * token_stride;
-                dot4(qh, k, k + token_stride, k + 2 * token_stride, k + 3 * token_stride, head_dim, sh + j);
-            }
-            for (; j < hi; ++j) sh[j] = dot(qh, keys + j * token_stride, head_dim);
-            if (!plain) {
-                const float slope = slopes ? slopes[h] : 0.0f;
-                for (j = lo; j < hi; ++j) sh[j] = adjust_score(sh[j], soft_cap, slope, tile_start + j - (seq_len - 1));
-            }
-            /* Online softmax: rescale what was summed so far when the max grows. */
-            float block_max = running_max[h];
-            for (j = lo; j < hi; ++j) block_max = sh[j] > block_max ? sh[j] : block_max;
-            const float correction = expf(running_max[h] - block_max);
-            float sum = running_sum[h] * correction;
-            for (j = lo; j < hi; ++j) {
-                sh[j] = expf(sh[j] - block_max);
-                sum += sh[j];
-            }
-            running_max[h] = block_max, running_sum[h] = sum;
-            int64_t d = 0;
-            for (; d + 32 <= head_dim; d += 32) { /* four independent accumulator chains */
-                vec8 a0 = load8(ah + d) * correction, a1 = load8(ah + d + 8) * correction;
-                vec8 a2 = load8(ah + d + 16) * correction, a3 = load8(ah + d + 24) * correction;
-                for (j = lo; j < hi; ++j) {
-                    const float *v = values + j * token_stride + d;
-                    a0 += sh[j] * load8(v), a1 += sh[j] * load8(v + 8);
-                    a2 += sh[j] * load8(v + 16), a3 += sh[j] * load8(v + 24);
-                }
-                store8(ah + d, a0), store8(ah + d + 8, a1), store8(ah + d + 16, a2), store8(ah + d + 24, a3);
-            }
-            for (; d < head_dim; d += 8) {
-                vec8 a = load8(ah + d) * correction;
-                for (j = lo; j < hi; ++j) a += sh[j] * load8(values + j * token_stride + d);
-                store8(ah + d, a);
-            }
+#define ATTEND_BLOCK(NH)                                                                                     \
+    attend_block(acc + h * head_dim, running_max + h, running_sum + h, scores + h * block_size,              \
+                 q_scaled + h * head_dim, block_keys + head_start, block_values + head_start, lo, hi,        \
+                 token_stride, block_size, head_dim, NH, soft_cap, slopes ? slopes + h : NULL,               \
+                 tile_start - (seq_len - 1))
+            if (nh == 3) ATTEND_BLOCK(3);
+            else if (nh == 2) ATTEND_BLOCK(2);
+            else ATTEND_BLOCK(1);
+#undef ATTEND_BLOCK
+            h += nh;
         }
     }
     for (int64_t h = 0; h < num_q; ++h) {

@@ -45,6 +45,10 @@ CASES = {
     # head_dim 128 (the CPU kernel's other unrolled size); contexts over several of its
     # touched-ahead stages (three 32 KiB blocks each here), a single-token context
     "decode_dim128_stages": Case((1, 1, 1, 1, 1), (300, 47, 129, 1, 16), 8, 2, 128, 16),
+    # 4 and 5 query heads per KV head (the kernel computes 2 + 2 and 3 + 2 heads
+    # together); head_dim 40, an odd number of 8-wide vectors
+    "decode_group4_dim40": Case((1, 1, 1, 1, 1), (3, 18, 33, 70, 5), 8, 2, 40, 16),
+    "decode_group5_dim24": Case((1, 1, 1, 1), (9, 40, 2, 17), 5, 1, 24, 8),
 }
 
 # name -> paged_attention keyword arguments (alibi_slopes as a flag, made per case)
