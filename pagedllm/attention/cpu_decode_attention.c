@@ -121,7 +121,8 @@ static inline __attribute__((always_inline)) void block_scores(
         }
     }
     for (; j < hi; ++j)
-        for (int h = 0; h < nh; ++h) scores[h * block_size + j] = dot(q + h * head_dim, keys + j * token_stride, head_dim);
+        for (int h = 0; h < nh; ++h)
+            scores[h * block_size + j] = dot(q + h * head_dim, keys + j * token_stride, head_dim);
 }
 
 /* acc_h[d, d + 8 * width) = acc_h * correction[h] + sum_j p[h * block_size + j] * v_j
