@@ -21,7 +21,7 @@ import os
 logger = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts; the KV pool and weights stay mmapped
+MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts; the KV pool (a tensor of 100+ MiB per layer) stays mmapped
 TRIM_THRESHOLD = 1 << 30
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
