@@ -95,7 +95,7 @@ static inline vec4 sum8x4(vec8 a0, vec8 a1, vec8 a2, vec8 a3) {
     return __builtin_shufflevector(u, u, 0, 1, 2, 3) + __builtin_shufflevector(u, u, 4, 5, 6, 7);
 }
 
-#define MAX_FUSED_HEADS 3
+#define MAX_FUSED_HEADS 3 /* attend_heads names each size 1..3 as a constant, so its loops unroll */
 
 /* scores[h * block_size + j] = q_h . k_j for nh (<= MAX_FUSED_HEADS) query
  * heads of one KV head and keys [lo, hi) of a block: each key row is loaded
@@ -219,7 +219,9 @@ static inline __attribute__((always_inline)) void attend_heads(
         for (int64_t h = 0; h < num_q;) {
             /* heads h .. h + nh - 1 share one KV head */
             const int64_t left_in_group = group - h % group; /* 4 splits as 2 + 2, not 3 + 1 */
-            const int nh = left_in_group == 4 ? 2 : left_in_group < 3 ? (int)left_in_group : 3;
+            const int nh = left_in_group == 4                 ? 2
+                           : left_in_group < MAX_FUSED_HEADS ? (int)left_in_group
+                                                             : MAX_FUSED_HEADS;
             const int64_t head_start = (kv_first + h / group) * head_dim;
             if (!stage_blocks && h % group == 0 && tile_start + block_size < seq_len) {
                 const int64_t next = table[tile_start / block_size + 1] * block_stride + head_start;
@@ -230,7 +232,7 @@ static inline __attribute__((always_inline)) void attend_heads(
                  q_scaled + h * head_dim, block_keys + head_start, block_values + head_start, lo, hi,        \
                  token_stride, block_size, head_dim, NH, soft_cap, slopes ? slopes + h : NULL,               \
                  tile_start - (seq_len - 1))
-            if (nh == 3) ATTEND_BLOCK(3);
+            if (nh == MAX_FUSED_HEADS) ATTEND_BLOCK(MAX_FUSED_HEADS);
             else if (nh == 2) ATTEND_BLOCK(2);
             else ATTEND_BLOCK(1);
 #undef ATTEND_BLOCK
