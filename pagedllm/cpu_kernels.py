@@ -2,7 +2,7 @@
 
 Sources (SOURCES): paged decode attention and the KV writer (attention/), fused
 norm / activation / rotary and the small-batch GEMM (layers/). They are compiled
-once per machine with the system C compiler (a couple of seconds, no torch
+once per machine with the system C compiler (about 20 s on 2 cores, no torch
 headers: the kernels take raw pointers through ctypes) and cached under
 `$PAGEDLLM_CACHE_DIR/kernels`; without a compiler the callers use their PyTorch
 paths. OpenMP comes from the libgomp torch already loaded, so both share one
@@ -20,6 +20,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 
 from pagedllm.config import cache_dir
 
@@ -29,7 +30,12 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = tuple(os.path.join(_PACKAGE, *parts) for parts in (
     ("attention", "cpu_decode_attention.c"), ("attention", "cpu_write_kv.c"), ("layers", "cpu_fused_ops.c"),
     ("layers", "cpu_small_gemm.c")))
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
+# Linked without -ffast-math: with it GCC (before 13) adds crtfastmath.o, whose
+# constructor turns on flush-to-zero / denormals-are-zero in the thread that
+# loads the library: torch's float results would change process-wide, and that
+# one thread of the pool would round differently from the others.
+_LINK_FLAGS = ["-shared", "-fopenmp"]
 
 
 def _cpu_signature() -> str:
@@ -49,6 +55,22 @@ def pointer(tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr())
 
 
+def build_library(compiler: str, sources: Sequence[str], output: str, extra_flags: Sequence[str] = ()) -> str | None:
+    """Compiles the sources, all at once (one compiler process each), into
+    objects beside `output`, then links them into it. Returns None, or the
+    compiler's error output."""
+    objects = [f"{output}.{i}.o" for i in range(len(sources))]
+    jobs = [subprocess.Popen([compiler, *_COMPILE_FLAGS, *extra_flags, "-c", source, "-o", obj],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for source, obj in zip(sources, objects)]
+    errors = [out for job in jobs if (out := job.communicate()[0]) and job.returncode != 0]
+    if errors:
+        return "\n".join(errors)
+    result = subprocess.run([compiler, *_LINK_FLAGS, *objects, "-o", output, "-lm"], capture_output=True,
+                            text=True)
+    return result.stderr or "link failed" if result.returncode != 0 else None
+
+
 @functools.cache
 def load_kernel_library() -> ctypes.CDLL | None:
     """The compiled kernels, building them on first use; None if they cannot be built."""
@@ -56,7 +78,7 @@ def load_kernel_library() -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("no C compiler found: the CPU kernels fall back to plain PyTorch")
         return None
-    digest = hashlib.sha256(" ".join([compiler, *_FLAGS, _cpu_signature()]).encode())
+    digest = hashlib.sha256(" ".join([compiler, *_COMPILE_FLAGS, *_LINK_FLAGS, _cpu_signature()]).encode())
     try:
         for source in SOURCES:
             with open(source, "rb") as f:
@@ -69,15 +91,14 @@ def load_kernel_library() -> ctypes.CDLL | None:
         os.makedirs(os.path.dirname(library), exist_ok=True)
         with tempfile.TemporaryDirectory(dir=os.path.dirname(library)) as tmp:
             built = os.path.join(tmp, "lib.so")
-            result = subprocess.run([compiler, *_FLAGS, *SOURCES, "-o", built, "-lm"], capture_output=True,
-                                    text=True)
-            if result.returncode != 0:
-                logger.warning("building the CPU kernels failed, using plain PyTorch:\n%s", result.stderr)
+            errors = build_library(compiler, SOURCES, built)
+            if errors is not None:
+                logger.warning("building the CPU kernels failed, using plain PyTorch:\n%s", errors)
                 return None
             os.replace(built, library)  # atomic: concurrent builders never see a partial file
     lib = ctypes.CDLL(library)
-    lib.paged_decode_attention_f32.restype = ctypes.c_int
+    lib.paged_decode_attention.restype = ctypes.c_int
     for name in ("rms_norm_f32", "add_rms_norm_f32", "silu_and_mul_f32", "rotary_f32", "small_gemm_f32",
-                 "write_kv_f32"):
+                 "write_kv"):
         getattr(lib, name).restype = None
     return lib

@@ -3,8 +3,9 @@ torch backend for the rest.
 
 The C kernel (cpu_decode_attention.c, built by pagedllm.cpu_kernels) reads K/V
 in place from the blocks; the torch reference must gather each request's
-context into new tensors, which dominated decode steps. Without a compiler the
-torch backend is used.
+context into new tensors, which dominated decode steps. It takes float32
+queries and a float32, float16 or bfloat16 cache. Without a compiler the torch
+backend is used.
 """
 
 from __future__ import annotations
@@ -19,25 +20,31 @@ from pagedllm.attention.metadata import AttentionMetadata
 from pagedllm.cpu_kernels import FLOAT, INT64, load_kernel_library, pointer
 
 
+# The kernel's kv_format numbers (the enum in cpu_decode_attention.c).
+KV_FORMATS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """key/value [T, Hkv, D] -> their slots in kv_cache (cpu_write_kv.c for float32)."""
-    lib = load_kernel_library() if kv_cache.dtype == torch.float32 else None
-    dense_rows = all(x.dtype == torch.float32 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
-                     for x in (key, value))
+    """key/value [T, Hkv, D] -> their slots in kv_cache, cast to its dtype (cpu_write_kv.c)."""
+    lib = load_kernel_library()
+    key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
+    dense_rows = all(x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (key, value))
     if lib is None or not dense_rows or not kv_cache.is_contiguous() or slot_mapping.dtype != torch.int64:
         torch_backend.write_kv(key, value, kv_cache, slot_mapping)
         return
     slots = slot_mapping.contiguous()
-    lib.write_kv_f32(pointer(kv_cache), pointer(key), pointer(value), pointer(slots), INT64(key.shape[0]),
-                     INT64(key.shape[1] * key.shape[2]), INT64(key.stride(0)), INT64(value.stride(0)),
-                     INT64(kv_cache.shape[1] * kv_cache.shape[2]))
+    element = kv_cache.element_size()
+    lib.write_kv(pointer(kv_cache), pointer(key), pointer(value), pointer(slots), INT64(key.shape[0]),
+                 INT64(key.shape[1] * key.shape[2] * element), INT64(key.stride(0) * element),
+                 INT64(value.stride(0) * element), INT64(kv_cache.shape[1] * kv_cache.shape[2]))
 
 
 def decode_attention(output: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      rows: np.ndarray, table_rows: np.ndarray, seq_lens: np.ndarray, scale: float,
                      sliding_window: int | None, alibi_slopes: torch.Tensor | None,
                      logits_soft_cap: float | None) -> None:
-    """Writes output[rows] for single-token queries. query/output [T, H, D] float32."""
+    """Writes output[rows] for single-token queries. query/output [T, H, D] float32;
+    kv_cache float32, float16 or bfloat16."""
     lib = load_kernel_library()
     num_heads, head_dim = query.shape[1], query.shape[2]
     _, num_blocks, block_size, num_kv_heads, _ = kv_cache.shape
@@ -45,8 +52,8 @@ def decode_attention(output: torch.Tensor, query: torch.Tensor, kv_cache: torch.
     table_rows = np.ascontiguousarray(table_rows, dtype=np.int64)
     seq_lens = np.ascontiguousarray(seq_lens, dtype=np.int64)
     slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else None
-    status = lib.paged_decode_attention_f32(
-        pointer(output), pointer(query), pointer(kv_cache), pointer(block_table),
+    status = lib.paged_decode_attention(
+        pointer(output), pointer(query), pointer(kv_cache), INT64(KV_FORMATS[kv_cache.dtype]), pointer(block_table),
         rows.ctypes.data_as(ctypes.c_void_p), table_rows.ctypes.data_as(ctypes.c_void_p),
         seq_lens.ctypes.data_as(ctypes.c_void_p), INT64(len(rows)), INT64(num_blocks),
         INT64(block_table.shape[1]), INT64(block_size), INT64(num_heads), INT64(num_kv_heads),
@@ -62,7 +69,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     """Same contract as torch_backend.paged_attention."""
     query = query.contiguous()  # the kernel takes dense rows; queries rotated in place are QKV slices
     decodes = np.flatnonzero(metadata.query_lens_np == 1)
-    usable = (query.dtype == torch.float32 and query.shape[2] % 8 == 0
+    usable = (query.dtype == torch.float32 and kv_cache.dtype in KV_FORMATS and query.shape[2] % 8 == 0
               and len(decodes) and load_kernel_library() is not None)
     if not usable:
         return torch_backend.paged_attention(query, kv_cache, metadata, scale, sliding_window, alibi_slopes,

@@ -1,8 +1,9 @@
 """Reference paged attention in plain PyTorch (CPU and GPU).
 
 K/V live in a per-layer pool [2, num_blocks, block_size, num_kv_heads, head_dim]
-and are read only through block tables. This is the correctness baseline every
-faster kernel is tested against.
+and are read only through block tables. The pool may hold another dtype than
+the model computes in (--kv-cache-dtype): K/V are cast when written and when
+read. This is the correctness baseline every faster kernel is tested against.
 """
 
 from __future__ import annotations
@@ -15,16 +16,16 @@ from pagedllm.attention.metadata import AttentionMetadata
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """key/value [T, Hkv, D] -> their slots in kv_cache."""
+    """key/value [T, Hkv, D] -> their slots in kv_cache (cast to its dtype)."""
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
 
 
-def _context(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int):
-    """The first seq_len K and V of one request: [seq_len, Hkv, D] each (a gather)."""
+def _context(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int, dtype: torch.dtype):
+    """The first seq_len K and V of one request in `dtype`: [seq_len, Hkv, D] each (a gather)."""
     num_blocks = -(-seq_len // kv_cache.shape[2])
-    blocks = kv_cache[:, block_ids[:num_blocks]]  # [2, nb, bs, Hkv, D]
+    blocks = kv_cache[:, block_ids[:num_blocks]].to(dtype)  # [2, nb, bs, Hkv, D]
     flat = blocks.flatten(1, 2)[:, :seq_len]
     return flat[0], flat[1]
 
@@ -72,7 +73,7 @@ def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: 
     num_requests, num_heads, head_dim = query.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     num_blocks = -(-max_seq_len // block_size)
-    context = kv_cache[:, block_table[:, :num_blocks]]  # [2, B, nb, bs, Hkv, D]
+    context = kv_cache[:, block_table[:, :num_blocks]].to(query.dtype)  # [2, B, nb, bs, Hkv, D]
     context = context.view(2, num_requests, num_blocks * block_size, num_kv_heads, head_dim)
     keys = context[0].permute(0, 2, 3, 1)  # [B, Hkv, D, L]
     values = context[1].transpose(1, 2)  # [B, Hkv, L, D]
@@ -90,7 +91,7 @@ def attend_each(output: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tenso
     """Writes the output rows of the given requests, one request at a time."""
     starts, seq_lens = metadata.query_start_np, metadata.seq_lens_np
     for i in request_indices:
-        key, value = _context(kv_cache, metadata.block_table[i], int(seq_lens[i]))
+        key, value = _context(kv_cache, metadata.block_table[i], int(seq_lens[i]), query.dtype)
         start, end = starts[i], starts[i + 1]
         output[start:end] = _attend(query[start:end], key, value, scale, sliding_window, alibi_slopes,
                                     logits_soft_cap)

@@ -13,6 +13,9 @@ KV head, packed into BLOCK_M = BLOCK_Q * G (padded) rows, so a decode step of a 
 model still feeds tl.dot with >= 16 rows. Softmax is online (flash-style) over
 BLOCK_N key positions at a time, accumulating in float32.
 
+The pool may hold another dtype than the queries (--kv-cache-dtype): the store
+casts to it, the attention kernel casts K/V back to the query dtype as it loads.
+
 Set TRITON_INTERPRET=1 before this module is imported to run it on CPU tensors.
 """
 
@@ -48,8 +51,8 @@ def _write_kv_kernel(
     k = tl.load(key_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
     dst = cache_ptr + block * stride_c_blk + offset * stride_c_off + h * stride_c_h + d
-    tl.store(dst, k, mask=mask)
-    tl.store(dst + stride_c_kv, v, mask=mask)
+    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + stride_c_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -134,9 +137,9 @@ def _paged_attention_kernel(
         block_id = tl.load(block_table_ptr + req * stride_bt + k_pos // block_size, mask=k_valid, other=0)
         slot_offsets = block_id.to(tl.int64) * stride_c_blk + (k_pos % block_size) * stride_c_off  # [N]
         k = tl.load(k_base + slot_offsets[None, :] + dims[:, None],
-                    mask=dim_valid[:, None] & k_valid[None, :], other=0.0)  # [DIM_PAD, N] (K^T)
+                    mask=dim_valid[:, None] & k_valid[None, :], other=0.0).to(q.dtype)  # [DIM_PAD, N] (K^T)
         v = tl.load(k_base + stride_c_kv + slot_offsets[:, None] + dims[None, :],
-                    mask=k_valid[:, None] & dim_valid[None, :], other=0.0)  # [N, DIM_PAD]
+                    mask=k_valid[:, None] & dim_valid[None, :], other=0.0).to(q.dtype)  # [N, DIM_PAD]
 
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale  # [M, N] float32
         if USE_SOFT_CAP:  # cap * tanh(s / cap), tanh(x) = 1 - 2 / (exp(2x) + 1)
@@ -171,8 +174,8 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = kv_cache.shape[3]
     _check_cache(kv_cache, num_kv_heads, head_dim)
-    if query.dtype not in _DTYPES or kv_cache.dtype != query.dtype:
-        raise TypeError(f"triton paged_attention needs query and kv_cache of one dtype in {_DTYPES}, "
+    if query.dtype not in _DTYPES or kv_cache.dtype not in _DTYPES:
+        raise TypeError(f"triton paged_attention needs query and kv_cache dtypes in {_DTYPES}, "
                         f"got {query.dtype} and {kv_cache.dtype}")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")

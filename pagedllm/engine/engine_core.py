@@ -58,7 +58,7 @@ class EngineCore:
         self.num_blocks = num_blocks
         self.kv_cache_bytes = num_blocks * bytes_per_block
         logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.3f GiB (%s)%s", num_blocks, block_size,
-                    num_blocks * block_size, self.kv_cache_bytes / 2**30, config.model.dtype,
+                    num_blocks * block_size, self.kv_cache_bytes / 2**30, config.cache.kv_dtype(config.model.dtype),
                     f" on each of {config.parallel.tensor_parallel_size} ranks"
                     if config.parallel.tensor_parallel_size > 1 else "")
 

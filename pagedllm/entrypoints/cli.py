@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from pagedllm.config import DEFAULT_MODEL_ALIAS, DTYPES
+from pagedllm.config import DEFAULT_MODEL_ALIAS, DTYPES, KV_CACHE_DTYPES
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +25,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "default min(4 GiB, 25%% of available memory) on CPU, 90%% of free memory on CUDA")
     group.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV pool size in blocks (overrides)")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    group.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                       help="how K/V are stored; auto = the model's dtype. float16 with a float32 model "
+                            "halves KV memory (twice the tokens fit) and the bytes decode attention reads")
     group.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one step")
     group.add_argument("--max-num-batched-tokens", type=int, default=None,
                        help="token budget of one step (default 2048 on CPU, 8192 on CUDA)")
@@ -44,7 +47,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                 num_kv_blocks=args.num_kv_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_prefix_caching=args.enable_prefix_caching,
+                enable_prefix_caching=args.enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
                 tensor_parallel_size=args.tensor_parallel_size,
                 distributed_executor_backend=args.distributed_executor_backend)
 

@@ -23,6 +23,8 @@ class LLM:
     dtype: auto | float32 | bfloat16 | float16 (auto: see pagedllm.config).
     kv_cache_memory: KV pool size in GiB (or '512MiB'); default min(4 GiB, 25%
         of available memory) on CPU. num_kv_blocks overrides it.
+    kv_cache_dtype: auto (the model's dtype) | float32 | bfloat16 | float16:
+        how K/V are stored; attention computes in the model's dtype.
     Other arguments: see EngineConfig.create.
     """
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pagedllm.attention.metadata import AttentionMetadata
-from pagedllm.config import ModelConfig
+from pagedllm.config import CacheConfig, ModelConfig
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.sampler import SamplingBatch, gather_logprobs, mix_seed, sample
@@ -49,12 +49,13 @@ class ModelInput:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, block_size: int, is_driver: bool = True) -> None:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, is_driver: bool = True) -> None:
         self.model_config = model_config
-        self.block_size = block_size
+        self.block_size = cache_config.block_size
         self.is_driver = is_driver
         self.device = torch.device(model_config.device)
         self.dtype = torch_dtype(model_config.dtype)
+        self.kv_cache_dtype = torch_dtype(cache_config.kv_dtype(model_config.dtype))
         self.model: torch.nn.Module | None = None
         self.cache: CacheEngine | None = None
         self.requests: dict[str, RequestState] = {}
@@ -70,11 +71,11 @@ class ModelRunner:
 
     def kv_bytes_per_block(self, num_kv_heads: int) -> int:
         return CacheEngine.bytes_per_block(self.model_config.num_layers, self.block_size, num_kv_heads,
-                                           self.model_config.head_dim, self.dtype)
+                                           self.model_config.head_dim, self.kv_cache_dtype)
 
     def init_kv_cache(self, num_blocks: int, num_kv_heads: int) -> None:
         self.cache = CacheEngine(self.model_config.num_layers, num_blocks, self.block_size, num_kv_heads,
-                                 self.model_config.head_dim, self.dtype, self.model_config.device)
+                                 self.model_config.head_dim, self.kv_cache_dtype, self.model_config.device)
 
     # ---- per-step state -----------------------------------------------------
 

@@ -28,7 +28,7 @@ class Worker:
         self.distributed_init_method = distributed_init_method
         self.num_kv_heads = shard_attention_heads(model_config.hf_config.num_attention_heads, model_config.num_kv_heads,
                                                   world_size, rank).num_kv_heads
-        self.runner = ModelRunner(model_config, cache_config.block_size, is_driver=rank == 0)
+        self.runner = ModelRunner(model_config, cache_config, is_driver=rank == 0)
 
     def init_device(self) -> None:
         if self.world_size > 1:

@@ -76,10 +76,12 @@ class Batch:
 
 
 def make_batch(case: Case, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
-               fill: float = float("nan"), spare_blocks: int = 3) -> Batch:
+               fill: float = float("nan"), spare_blocks: int = 3, kv_dtype: torch.dtype | None = None) -> Batch:
     """Random Q/K/V; shuffled, non-contiguous block ids; unused slots set to `fill`
     (NaN by default, so reading outside a context shows); block tables padded with
-    one extra column of block 0."""
+    one extra column of block 0. With a kv_dtype the pool holds that dtype, and
+    K/V are drawn already rounded to it, so the reference sees what is stored."""
+    kv_dtype = kv_dtype or dtype
     gen = torch.Generator().manual_seed(seed)
     qlens, slens = np.array(case.query_lens), np.array(case.seq_lens)
     assert (qlens >= 1).all() and (slens >= qlens).all()
@@ -88,15 +90,15 @@ def make_batch(case: Case, dtype: torch.dtype = torch.float32, device: str = "cp
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(dtype)
 
-    keys = [rand(n, hkv, dim) for n in slens]
-    values = [rand(n, hkv, dim) for n in slens]
+    keys = [rand(n, hkv, dim).to(kv_dtype).to(dtype) for n in slens]
+    values = [rand(n, hkv, dim).to(kv_dtype).to(dtype) for n in slens]
     query = rand(int(qlens.sum()), case.num_heads, dim)
 
     blocks_per_request = [-(-int(n) // bs) for n in slens]
     num_blocks = sum(blocks_per_request) + spare_blocks
     perm = torch.randperm(num_blocks, generator=gen).tolist()
     block_table = torch.zeros(len(slens), max(blocks_per_request) + 1, dtype=torch.int32)
-    kv_cache = torch.full((2, num_blocks, bs, hkv, dim), fill, dtype=dtype)
+    kv_cache = torch.full((2, num_blocks, bs, hkv, dim), fill, dtype=kv_dtype)
     slots, new_keys, new_values = [], [], []
     for i, (q_len, s_len) in enumerate(zip(qlens.tolist(), slens.tolist())):
         ids = [perm.pop() for _ in range(blocks_per_request[i])]
@@ -175,14 +177,16 @@ def assert_context_stored(batch: Batch) -> None:
     for i, seq_len in enumerate(md.seq_lens_np.tolist()):
         pos = torch.arange(seq_len)
         blocks = md.block_table[i].cpu().long()[pos // bs]
-        stored = batch.kv_cache[:, blocks, pos % bs].cpu()  # [2, seq_len, Hkv, D]
+        stored = batch.kv_cache[:, blocks, pos % bs].cpu().to(batch.query.dtype)  # [2, seq_len, Hkv, D]
         torch.testing.assert_close(stored[0], batch.keys[i].cpu(), rtol=0, atol=0)
         torch.testing.assert_close(stored[1], batch.values[i].cpu(), rtol=0, atol=0)
 
 
 def check_backend(backend, case: Case, feature: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                  fill: float = float("nan"), seed: int = 0) -> None:
-    batch = make_batch(case, dtype, device, seed=seed, fill=fill)
+                  fill: float = float("nan"), seed: int = 0, kv_dtype: torch.dtype | None = None) -> None:
+    """The backend's output against the float64 reference, the pool against the
+    inputs; kv_dtype: the pool's dtype when it differs from the queries'."""
+    batch = make_batch(case, dtype, device, seed=seed, fill=fill, kv_dtype=kv_dtype)
     kwargs = feature_kwargs(feature, case.num_heads, device)
     scale = 1.0 / math.sqrt(case.head_dim)
     out = run_backend(backend, batch, scale, **kwargs)
@@ -195,3 +199,7 @@ def check_backend(backend, case: Case, feature: str, dtype: torch.dtype = torch.
 
 def case_params():
     return [pytest.param(case, id=name) for name, case in CASES.items()]
+
+
+# 16-bit pools under float32 queries (--kv-cache-dtype with a float32 model)
+KV_DTYPES = [pytest.param(torch.float16, id="kv_float16"), pytest.param(torch.bfloat16, id="kv_bfloat16")]

@@ -1,15 +1,22 @@
 """The compiled CPU decode kernel (with the torch path for prefill chunks) and KV
-writer against the naive dense reference and the torch writer. Unused pool slots hold NaN: the kernel must
-never read outside a request's context."""
+writer against the naive dense reference and the torch writer, with float32,
+float16 and bfloat16 pools. Unused pool slots hold NaN: the kernel must never
+read outside a request's context."""
 
 from __future__ import annotations
 
+import ctypes
+import math
+import os
+import platform
+
+import numpy as np
 import pytest
 import torch
 
 from pagedllm import cpu_kernels
 from pagedllm.attention import cpu_backend, torch_backend
-from tests.attention.helpers import FEATURES, case_params, check_backend
+from tests.attention.helpers import CASES, FEATURES, KV_DTYPES, case_params, check_backend, make_batch
 
 
 def test_kernel_builds_and_is_cached(tmp_path, monkeypatch):
@@ -22,22 +29,80 @@ def test_kernel_builds_and_is_cached(tmp_path, monkeypatch):
         cpu_kernels.load_kernel_library.cache_clear()
 
 
+def test_loading_the_kernels_keeps_subnormal_floats():
+    """The library is compiled with -ffast-math but must not switch the loading
+    thread to flush-to-zero (what GCC's crtfastmath.o does when linked in)."""
+    assert cpu_kernels.load_kernel_library() is not None
+    assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
+
+
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("case", case_params())
 def test_matches_naive_reference(case, feature):
     check_backend(cpu_backend, case, feature)
 
 
+@pytest.mark.parametrize("feature", ["plain", "all"])
+@pytest.mark.parametrize("case", case_params())
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_16_bit_pool_matches_naive_reference(case, feature, kv_dtype):
+    check_backend(cpu_backend, case, feature, kv_dtype=kv_dtype)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32] + [p.values[0] for p in KV_DTYPES], ids=str)
 @pytest.mark.parametrize("num_tokens", [3, 70])  # below and above the kernel's threading threshold
-def test_write_kv_from_qkv_slices_matches_torch(num_tokens):
+def test_write_kv_from_qkv_slices_matches_torch(num_tokens, kv_dtype):
     """K and V arrive as column slices of the QKV projection (row stride > row size)."""
     num_kv_heads, head_dim, block_size, num_blocks = 2, 16, 8, 12
     qkv = torch.randn(num_tokens, (4 + 2 * num_kv_heads) * head_dim)
     key = qkv[:, 4 * head_dim:6 * head_dim].view(num_tokens, num_kv_heads, head_dim)
     value = qkv[:, 6 * head_dim:].view(num_tokens, num_kv_heads, head_dim)
     slots = torch.randperm(num_blocks * block_size)[:num_tokens]
-    caches = [torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan")) for _ in range(2)]
+    caches = [torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=kv_dtype)
+              for _ in range(2)]
     cpu_backend.write_kv(key, value, caches[0], slots)
     torch_backend.write_kv(key, value, caches[1], slots)
     torch.testing.assert_close(caches[0], caches[1], rtol=0, atol=0, equal_nan=True)
     assert caches[0].isnan().sum() == 2 * (num_blocks * block_size - num_tokens) * num_kv_heads * head_dim
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or "f16c" not in open("/proc/cpuinfo").read(),
+                    reason="compares the F16C conversion with the portable one")
+def test_portable_float16_conversion_matches_f16c(tmp_path):
+    """Compilers without F16C take the integer float16 -> float32 conversion:
+    the same kernel built with -mno-f16c must agree, with normal keys and values
+    that are mostly subnormal halves (flushing them would zero the output)."""
+    source = os.path.join(os.path.dirname(cpu_backend.__file__), "cpu_decode_attention.c")
+    built = str(tmp_path / "portable.so")
+    assert cpu_kernels.build_library(os.environ.get("CC") or "cc", [source], built, ["-mno-f16c"]) is None
+    portable = ctypes.CDLL(built)
+    portable.paged_decode_attention.restype = ctypes.c_int
+
+    case = CASES["decode_group3_dim80"]
+    batch = make_batch(case, kv_dtype=torch.float16, fill=0.0)
+    torch_backend.write_kv(batch.new_key, batch.new_value, batch.kv_cache, batch.metadata.slot_mapping)
+    batch.kv_cache[1] = (batch.kv_cache[1].float() * 1e-5).half()
+    stored = batch.kv_cache[1][batch.kv_cache[1] != 0]
+    assert (stored.abs() < 6.1e-5).float().mean() > 0.9
+
+    md = batch.metadata
+    rows = np.arange(md.num_requests, dtype=np.int64)  # one query row per request: all decodes
+    seq_lens = np.ascontiguousarray(md.seq_lens_np, dtype=np.int64)
+    outputs = []
+    for lib in (cpu_kernels.load_kernel_library(), portable):
+        out = torch.empty_like(batch.query)
+        status = lib.paged_decode_attention(
+            cpu_kernels.pointer(out), cpu_kernels.pointer(batch.query), cpu_kernels.pointer(batch.kv_cache),
+            cpu_kernels.INT64(cpu_backend.KV_FORMATS[torch.float16]), cpu_kernels.pointer(md.block_table),
+            rows.ctypes.data_as(ctypes.c_void_p), rows.ctypes.data_as(ctypes.c_void_p),
+            seq_lens.ctypes.data_as(ctypes.c_void_p),
+            cpu_kernels.INT64(md.num_requests), cpu_kernels.INT64(batch.kv_cache.shape[1]),
+            cpu_kernels.INT64(md.block_table.shape[1]), cpu_kernels.INT64(md.block_size),
+            cpu_kernels.INT64(case.num_heads), cpu_kernels.INT64(case.num_kv_heads),
+            cpu_kernels.INT64(case.head_dim), cpu_kernels.FLOAT(1 / math.sqrt(case.head_dim)),
+            cpu_kernels.INT64(0), cpu_kernels.FLOAT(0.0), None)
+        assert status == 0
+        outputs.append(out)
+    assert outputs[0].abs().min() > 0
+    # Not bit-equal: -ffast-math may order the sums differently in the two builds.
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=0)

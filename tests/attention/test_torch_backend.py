@@ -1,5 +1,6 @@
 """The plain-PyTorch paged attention (the baseline) against a naive dense
-reference: every batch shape x every feature, float32, plus half precisions."""
+reference: every batch shape x every feature, float32, plus half precisions and
+16-bit pools under float32 queries."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from pagedllm.attention import torch_backend
-from tests.attention.helpers import CASES, FEATURES, case_params, check_backend, make_batch
+from tests.attention.helpers import CASES, FEATURES, KV_DTYPES, case_params, check_backend, make_batch
 
 # Unused pool slots hold finite garbage: the batched decode path reads whole blocks
 # and zeroes padding through the softmax (0 * garbage), which NaN would not survive.
@@ -25,6 +26,13 @@ def test_matches_naive_reference(case, feature):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision(case, feature, dtype):
     check_backend(torch_backend, case, feature, dtype=dtype, fill=FILL)
+
+
+@pytest.mark.parametrize("feature", ["plain", "all"])
+@pytest.mark.parametrize("case", [CASES["mixed_gqa"], CASES["decode_only"]], ids=["mixed_gqa", "decode_only"])
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_16_bit_pool_under_float32_queries(case, feature, kv_dtype):
+    check_backend(torch_backend, case, feature, fill=FILL, kv_dtype=kv_dtype)
 
 
 def test_write_kv_stores_through_slots():

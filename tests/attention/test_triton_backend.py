@@ -15,7 +15,7 @@ import torch
 from triton.runtime.interpreter import InterpretedFunction
 
 from pagedllm.attention import cpu_backend, get_attention_backend, torch_backend, triton_backend
-from tests.attention.helpers import (CASES, FEATURES, Case, case_params, check_backend, feature_kwargs,
+from tests.attention.helpers import (CASES, FEATURES, KV_DTYPES, Case, case_params, check_backend, feature_kwargs,
                                      make_batch, run_backend)
 
 INTERPRETED = isinstance(triton_backend._paged_attention_kernel, InterpretedFunction)
@@ -43,11 +43,11 @@ LARGE_CASES = {
 }
 
 
-def write_kv_check(device: str, dtype: torch.dtype) -> None:
-    """Both backends write identical pools, from K/V that are strided views of a
-    fused qkv projection as the Attention layer passes them."""
+def write_kv_check(device: str, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> None:
+    """Both backends write identical pools (of kv_dtype, cast), from K/V that are
+    strided views of a fused qkv projection as the Attention layer passes them."""
     case = CASES["mixed_gqa"]
-    batch = make_batch(case, dtype, device)
+    batch = make_batch(case, dtype, device, kv_dtype=kv_dtype)
     num_tokens, hkv, dim = batch.new_key.shape
     qkv = torch.randn(num_tokens, (case.num_heads + 2 * hkv) * dim, device=device).to(dtype)
     key = qkv[:, case.num_heads * dim:(case.num_heads + hkv) * dim].view(num_tokens, hkv, dim)
@@ -105,6 +105,13 @@ class TestTritonInterpreter:
         check_backend(triton_backend, CASES["mixed_gqa"], feature, dtype=dtype)
 
     @pytest.mark.parametrize("feature", ["plain", "all"])
+    def test_float16_pool_under_float32_queries(self, feature):
+        check_backend(triton_backend, CASES["mixed_gqa"], feature, kv_dtype=torch.float16)
+
+    def test_write_kv_casts_to_the_pool_dtype(self):
+        write_kv_check("cpu", torch.float32, kv_dtype=torch.float16)
+
+    @pytest.mark.parametrize("feature", ["plain", "all"])
     def test_matches_torch_backend(self, feature):
         torch_backend_check("cpu", feature)
 
@@ -132,6 +139,16 @@ class TestTritonCUDA:
         check_backend(triton_backend, case, feature, dtype=dtype, device="cuda")
 
     @pytest.mark.parametrize("feature", ["plain", "all"])
+    @pytest.mark.parametrize("case", case_params())
+    @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+    def test_16_bit_pool_under_float32_queries(self, kv_dtype, case, feature):
+        check_backend(triton_backend, case, feature, kv_dtype=kv_dtype, device="cuda")
+
+    @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+    def test_write_kv_casts_to_the_pool_dtype(self, kv_dtype):
+        write_kv_check("cuda", torch.float32, kv_dtype=kv_dtype)
+
+    @pytest.mark.parametrize("feature", ["plain", "all"])
     @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="float32")] + HALF_DTYPES)
     @pytest.mark.parametrize("case", [pytest.param(c, id=name) for name, c in LARGE_CASES.items()])
     def test_large(self, case, dtype, feature):
@@ -157,7 +174,7 @@ def test_empty_batch():
 def test_rejects_bad_inputs():
     batch = make_batch(CASES["decode_only"])
     with pytest.raises(TypeError, match="dtype"):
-        triton_backend.paged_attention(batch.query.half(), batch.kv_cache, batch.metadata, 1.0)
+        triton_backend.paged_attention(batch.query.double(), batch.kv_cache, batch.metadata, 1.0)
     with pytest.raises(ValueError, match="kv_cache must be"):
         triton_backend.paged_attention(batch.query, batch.kv_cache[..., :32], batch.metadata, 1.0)
     with pytest.raises(ValueError, match="sliding_window"):

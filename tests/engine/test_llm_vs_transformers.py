@@ -1,9 +1,11 @@
 """The embedded model through the whole engine against transformers: identical
-greedy tokens whatever the batching, prefix caching, preemption or chunking."""
+greedy tokens whatever the batching, prefix caching, preemption or chunking;
+with a 16-bit KV cache, transformers' argmax or a near tie at every step."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pagedllm import LLM, SamplingParams
 from tests.tiny_models import hf_greedy
@@ -106,3 +108,46 @@ def test_scheduling_settings_do_not_change_tokens(llm, prompts, expected, overri
         _assert_all_blocks_free(llm)
     finally:
         llm.llm_engine.engine_core.scheduler = old
+
+
+# A 16-bit KV cache rounds K/V, so where transformers' two best tokens are this
+# close (in logits) the engine may take the other one.
+NEAR_TIE = 0.02
+
+
+@pytest.fixture(scope="module", params=["float16", "bfloat16"])
+def llm_16_bit_kv(request):
+    return LLM(dtype="float32", max_model_len=256, num_kv_blocks=256, block_size=16, kv_cache_dtype=request.param)
+
+
+def _largest_logit_gap(hf_model, prompt: list[int], tokens: list[int]) -> float:
+    """Along the engine's own tokens: transformers' best logit minus the logit
+    of the token the engine chose, at the worst step (0 when all are its argmax)."""
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]  # [n, vocab]
+    chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    return float((logits.max(dim=1).values - chosen).max())
+
+
+def test_16_bit_kv_cache_is_stored_in_half_the_bytes(llm_16_bit_kv, llm):
+    executors = [m.llm_engine.engine_core.executor for m in (llm_16_bit_kv, llm)]
+    assert executors[0].bytes_per_block() * 2 == executors[1].bytes_per_block()
+    kv_caches = executors[0].worker.runner.cache.kv_caches
+    assert kv_caches[0].dtype == getattr(torch, llm_16_bit_kv.llm_engine.config.cache.kv_cache_dtype)
+
+
+def test_16_bit_kv_cache_picks_transformers_argmax_or_a_near_tie(llm_16_bit_kv, hf_smollm2, prompts):
+    gaps = [_largest_logit_gap(hf_smollm2, ids, tokens)
+            for ids, tokens in zip(prompts, _greedy(llm_16_bit_kv, prompts))]
+    assert max(gaps) < NEAR_TIE, gaps
+
+
+def test_16_bit_kv_cache_tokens_do_not_depend_on_scheduling(llm_16_bit_kv, prompts):
+    batched = _greedy(llm_16_bit_kv, prompts)
+    assert [_greedy(llm_16_bit_kv, [ids])[0] for ids in prompts] == batched
+    old = _with_engine(llm_16_bit_kv, num_blocks=16, max_num_batched_tokens=7)  # preemption, chunked prompts
+    try:
+        assert _greedy(llm_16_bit_kv, prompts) == batched
+        assert llm_16_bit_kv.llm_engine.engine_core.scheduler.num_preemptions_total > 0
+    finally:
+        llm_16_bit_kv.llm_engine.engine_core.scheduler = old
