@@ -191,6 +191,11 @@ def test_pool_too_small_for_one_request(tiny):
         LLM(tiny[0], dtype="float32", num_kv_blocks=8, block_size=4)
 
 
+def test_unknown_kv_cache_dtype_lists_the_choices(tiny):
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32, bfloat16, float16"):
+        LLM(tiny[0], dtype="float32", kv_cache_dtype="fp8")
+
+
 def test_missing_model_names_what_was_looked_for(tmp_path):
     with pytest.raises(ValueError, match="config.json"):
         LLM(str(tmp_path / "nowhere"))

@@ -1,11 +1,12 @@
 """Server flags on a second tiny server: --max-waiting-requests (503 + Retry-After, also
-for a burst far beyond it), --chat-template from a file, --allowed-origins (CORS), no API
-key; SIGTERM shuts it down cleanly."""
+for a burst far beyond it), --chat-template from a file, --allowed-origins (CORS),
+--kv-cache-dtype, no API key; SIGTERM shuts it down cleanly."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import time
 
@@ -34,11 +35,17 @@ def small_server(tmp_path_factory, tiny_model_dir):
     template_file.write_text(TEMPLATE)
     process = start_server(tmp_path_factory, [tiny_model_dir, "--dtype", "float32", "--num-kv-blocks", "64",
                                               "--max-num-seqs", "1", "--max-waiting-requests", "1",
-                                              "--chat-template", str(template_file), "--allowed-origins", ORIGIN],
+                                              "--chat-template", str(template_file), "--allowed-origins", ORIGIN,
+                                              "--kv-cache-dtype", "float16"],
                            "small-server")
     yield process
     assert process.stop(signal.SIGTERM) == 0
     assert "Application shutdown complete" in process.log
+
+
+def test_kv_cache_dtype_flag_reaches_the_pool(small_server):
+    # 64 blocks of float16 K/V under float32 weights: the engine's start-up line
+    assert re.search(r"KV cache: 64 blocks .* GiB \(float16\)", small_server.log)
 
 
 async def _wait_for_metric(client: httpx.AsyncClient, name: str, value: float) -> None:
