@@ -43,9 +43,10 @@ def run_throughput(requests: list[BenchRequest], **engine_kwargs) -> dict:
         used += stats.num_used_slots
     elapsed = time.time() - ready
     prompt_tokens, output_tokens = num_prompt_tokens(requests), num_output_tokens(requests)
+    dtype, kv_dtype = engine.config.model.dtype, engine.config.cache.kv_dtype(engine.config.model.dtype)
     return {
-        "label": f"pagedllm {engine.config.model.dtype}", "backend": "pagedllm",
-        "model": engine.config.model.path, "dtype": engine.config.model.dtype,
+        "label": f"pagedllm {dtype}" + (f", KV {kv_dtype}" if kv_dtype != dtype else ""), "backend": "pagedllm",
+        "model": engine.config.model.path, "dtype": dtype, "kv_cache_dtype": kv_dtype,
         "device": engine.config.model.device, "num_requests": len(requests),
         "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "num_steps": num_steps,
         **throughput_rates(len(requests), prompt_tokens, output_tokens, elapsed),
@@ -64,7 +65,8 @@ def _cmd_throughput(args: argparse.Namespace) -> None:
     result = run_throughput(requests, **engine_kwargs(args))
     add_run_info(args, result)
     finish_report(args, result, "pagedllm offline throughput", [
-        ("Model / dtype", f"{result['model'].rsplit('/', 1)[-1]} / {result['dtype']}"),
+        ("Model / dtype / KV dtype",
+         f"{result['model'].rsplit('/', 1)[-1]} / {result['dtype']} / {result['kv_cache_dtype']}"),
         ("Requests", result["num_requests"]), ("Prompt tokens", result["prompt_tokens"]),
         ("Output tokens", result["output_tokens"]), ("Steps", result["num_steps"]),
         ("Elapsed (s)", result["elapsed_s"]), ("Requests/s", result["requests_per_s"]),

@@ -54,7 +54,6 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.is_driver = is_driver
         self.device = torch.device(model_config.device)
-        self.dtype = torch_dtype(model_config.dtype)
         self.kv_cache_dtype = torch_dtype(cache_config.kv_dtype(model_config.dtype))
         self.model: torch.nn.Module | None = None
         self.cache: CacheEngine | None = None

@@ -22,3 +22,4 @@ def test_throughput_counts_and_rates(tmp_path):
     # Only partial last blocks are unfilled: at most block_size - 1 slots per running request.
     assert 0 < result["kv_cache_waste"] < 0.5
     assert result["num_steps"] >= 12  # the longest request needs 12 decode steps
+    assert (result["dtype"], result["kv_cache_dtype"], result["label"]) == ("float32", "float32", "pagedllm float32")
