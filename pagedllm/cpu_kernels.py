@@ -2,7 +2,7 @@
 
 Sources (SOURCES): paged decode attention and the KV writer (attention/), fused
 norm / activation / rotary and the small-batch GEMM (layers/). They are compiled
-once per machine with the system C compiler (about 20 s on 2 cores, no torch
+once per machine with the system C compiler (~18 s on 2 cores, no torch
 headers: the kernels take raw pointers through ctypes) and cached under
 `$PAGEDLLM_CACHE_DIR/kernels`; without a compiler the callers use their PyTorch
 paths. OpenMP comes from the libgomp torch already loaded, so both share one
@@ -68,7 +68,9 @@ def build_library(compiler: str, sources: Sequence[str], output: str, extra_flag
         return "\n".join(errors)
     result = subprocess.run([compiler, *_LINK_FLAGS, *objects, "-o", output, "-lm"], capture_output=True,
                             text=True)
-    return result.stderr or "link failed" if result.returncode != 0 else None
+    if result.returncode != 0:
+        return result.stderr or "link failed"
+    return None
 
 
 @functools.cache
