@@ -16,6 +16,7 @@ import psutil
 
 from pagedllm.bench.cli import add_output_args, add_run_info, add_workload_args, finish_report, load_requests
 from pagedllm.bench.workload import BenchRequest, num_output_tokens, num_prompt_tokens, throughput_rates
+from pagedllm.entrypoints.cli_args import add_engine_args, engine_kwargs
 
 
 def run_throughput(requests: list[BenchRequest], **engine_kwargs) -> dict:
@@ -59,8 +60,6 @@ def run_throughput(requests: list[BenchRequest], **engine_kwargs) -> dict:
 
 
 def _cmd_throughput(args: argparse.Namespace) -> None:
-    from pagedllm.entrypoints.cli import engine_kwargs
-
     requests = load_requests(args)
     result = run_throughput(requests, **engine_kwargs(args))
     add_run_info(args, result)
@@ -79,8 +78,6 @@ def _cmd_throughput(args: argparse.Namespace) -> None:
 
 
 def add_throughput_parser(bench_subparsers) -> None:
-    from pagedllm.entrypoints.cli import add_engine_args
-
     # One --seed serves both the engine and the random workload.
     parser = bench_subparsers.add_parser("throughput", help="offline engine throughput on a workload",
                                          conflict_handler="resolve")

@@ -24,7 +24,7 @@ from pagedllm import __version__
 from pagedllm.config import DEFAULT_MODEL_ALIAS
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.engine.llm_engine import LLMEngine
-from pagedllm.entrypoints.cli import add_engine_args, engine_kwargs
+from pagedllm.entrypoints.cli_args import add_engine_args, engine_kwargs
 from pagedllm.entrypoints.openai.guards import ApiKeyMiddleware, BodyLimitMiddleware, error_response
 from pagedllm.entrypoints.openai.limits import add_limit_args, limits_from_args
 from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
