@@ -33,16 +33,20 @@ class Request:
     `num_computed_tokens` is the single progress counter: how many of
     `all_token_ids` have K/V in the cache. A step schedules the tokens between it
     and `len(all_token_ids)` (or a chunk of them).
+
+    `cache_salt` keeps the request's blocks apart in the prefix cache: only requests
+    with the same salt (or all without one) share cached blocks.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                 arrival_time: float | None = None, sample_index: int = 0) -> None:
+                 arrival_time: float | None = None, sample_index: int = 0, cache_salt: str | None = None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         # Which of the parent's n samples this is; seeds differ per sample.
         self.sample_index = sample_index
+        self.cache_salt = cache_salt
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0

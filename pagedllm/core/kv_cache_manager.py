@@ -70,7 +70,7 @@ class KVCacheManager:
         Requests that want prompt logprobs compute their whole prompt."""
         if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return []
-        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size)
+        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt)
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits = []
         for block_hash in request.block_hashes[:max_blocks]:
@@ -127,7 +127,7 @@ class KVCacheManager:
                     self._num_released_blocks.get(request.request_id, 0))
         if num_full <= start:
             return
-        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size)
+        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt)
         for index in range(start, num_full):
             self.pool.cache(blocks[index], request.block_hashes[index])
         self._num_cached_blocks[request.request_id] = num_full

@@ -23,10 +23,11 @@ EOS = 2
 
 
 def make_request(request_id: str, prompt_token_ids: list[int], eos: int = EOS, sample_index: int = 0,
-                 **params) -> Request:
+                 cache_salt: str | None = None, **params) -> Request:
     """A Request whose sampling params carry the model's EOS id (as the engine fills it)."""
     sampling_params = dataclasses.replace(SamplingParams(**params), eos_token_ids=(eos,))
-    return Request(request_id, prompt_token_ids, sampling_params, arrival_time=0.0, sample_index=sample_index)
+    return Request(request_id, prompt_token_ids, sampling_params, arrival_time=0.0, sample_index=sample_index,
+                   cache_salt=cache_salt)
 
 
 def make_siblings(request_id: str, prompt_token_ids: list[int], n: int, **params) -> list[Request]:

@@ -216,3 +216,17 @@ def test_extend_block_hashes_hashes_only_new_full_blocks():
     assert len(hashes) == 1
     extend_block_hashes(hashes, [1, 2, 3, 4, 5], block_size=2)
     assert hashes == [hash_block(ROOT_HASH, [1, 2]), hash_block(hash_block(ROOT_HASH, [1, 2]), [3, 4])]
+
+
+def test_a_cache_salt_changes_the_first_hash_and_so_the_whole_chain():
+    tokens = [1, 2, 3, 4, 5, 6]
+    plain, salted, same_salt, other_salt = [], [], [], []
+    extend_block_hashes(plain, tokens, block_size=2)
+    extend_block_hashes(salted, tokens, block_size=2, cache_salt="tenant-a")
+    extend_block_hashes(same_salt, tokens, block_size=2, cache_salt="tenant-a")
+    extend_block_hashes(other_salt, tokens, block_size=2, cache_salt="tenant-b")
+    assert salted == same_salt
+    assert salted[0] == hash_block(ROOT_HASH, [1, 2], "tenant-a")
+    # Only the first block takes the salt; the rest are chained on it.
+    assert salted[1:] == [hash_block(salted[0], [3, 4]), hash_block(salted[1], [5, 6])]
+    assert not set(salted) & set(plain) and not set(salted) & set(other_salt) and not set(plain) & set(other_salt)

@@ -119,6 +119,22 @@ def test_prefix_hit_is_chained_same_second_block_after_a_different_first_is_a_mi
     assert [h.block_id for h in kv.get_computed_blocks(d)] == [0]
 
 
+def test_cache_salt_shares_blocks_only_between_requests_with_the_same_salt():
+    kv = KVCacheManager(12, BS)
+    prompt = list(range(1, 10))  # blocks [1..4] [5..8] [9]
+    admit(kv, make_request("a", prompt, cache_salt="tenant-a"))
+    assert kv.block_ids("a") == [0, 1, 2]
+    same = make_request("same", prompt, cache_salt="tenant-a")
+    assert [h.block_id for h in kv.get_computed_blocks(same)] == [0, 1]
+    assert kv.get_computed_blocks(make_request("other", prompt, cache_salt="tenant-b")) == []
+    unsalted = make_request("unsalted", prompt)
+    assert kv.get_computed_blocks(unsalted) == []
+    # An unsalted request computes its own blocks, and a salted one never hits them.
+    assert admit(kv, unsalted) == Allocation(0, [3, 4, 5])
+    assert [h.block_id for h in kv.get_computed_blocks(make_request("plain", prompt))] == [3, 4]
+    assert kv.get_computed_blocks(make_request("b", prompt, cache_salt="tenant-b")) == []
+
+
 def test_a_prompt_of_exactly_n_cached_blocks_hits_n_minus_one():
     kv = KVCacheManager(10, BS)
     prompt = list(range(1, 13))  # exactly 3 full blocks
