@@ -49,6 +49,8 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
+    # Only requests with the same salt share prefix-cache blocks (LLMEngine.add_tokenized_request).
+    cache_salt: str | None = None
 
 
 class _Command(enum.Enum):
@@ -198,7 +200,8 @@ class AsyncLLMEngine:
             for request in payload:
                 try:
                     self.engine.add_tokenized_request(request.request_id, request.prompt, request.prompt_token_ids,
-                                                      request.params, request.arrival_time, stream=True)
+                                                      request.params, request.arrival_time, stream=True,
+                                                      cache_salt=request.cache_salt)
                 except ValueError as error:
                     self._loop.call_soon_threadsafe(self._dispatch, [(request.request_id, error)])
             num_added += len(payload)

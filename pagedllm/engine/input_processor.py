@@ -10,8 +10,17 @@ from typing import Any, Union
 from pagedllm.config import ModelConfig
 from pagedllm.sampling_params import SamplingParams
 
-# A prompt is text, or a dict {"prompt_token_ids": [...]} (optionally with "prompt").
+# A prompt is text, or a dict {"prompt": text} or {"prompt_token_ids": [...]} (optionally
+# with "prompt" too), either optionally with "cache_salt" (see validate_cache_salt).
 PromptInput = Union[str, dict[str, Any]]
+
+
+def validate_cache_salt(cache_salt: Any) -> str | None:
+    """vLLM's cache_salt: None, or a non-empty string mixed into the prefix-cache hash of
+    the request's blocks, so that only requests with the same salt share them."""
+    if cache_salt is not None and not (isinstance(cache_salt, str) and cache_salt):
+        raise ValueError(f"cache_salt must be a non-empty string (or absent), got {cache_salt!r}")
+    return cache_salt
 
 
 def load_tokenizer(model_config: ModelConfig):
@@ -58,7 +67,15 @@ class InputProcessor:
                     isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
                 raise ValueError("prompt_token_ids must be a list of integers")
             return prompt.get("prompt"), list(token_ids)
-        raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+        if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+            return prompt["prompt"], self.tokenizer(prompt["prompt"]).input_ids
+        raise ValueError("a prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', "
+                         f"got {type(prompt).__name__}")
+
+    @staticmethod
+    def cache_salt(prompt: PromptInput) -> str | None:
+        """The prompt dict's "cache_salt" (validated); None for text prompts."""
+        return validate_cache_salt(prompt.get("cache_salt")) if isinstance(prompt, dict) else None
 
     def apply_chat_template(self, messages: list[dict], chat_template: str | None = None,
                             add_generation_prompt: bool = True, **template_kwargs) -> str:
@@ -76,9 +93,11 @@ class InputProcessor:
         # The template already wrote the special tokens (BOS, role markers).
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """Check the prompt against the model's limits; return the params with the
-        model's EOS ids filled in."""
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        """Check the prompt against the model's limits -> (the prompt's token ids, cut to
+        the last truncate_prompt_tokens of them; the params with the engine's fields filled
+        in: the model's EOS ids and the token ids of bad_words)."""
+        prompt_token_ids = self._truncate(prompt_token_ids, params.truncate_prompt_tokens)
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
             raise ValueError("the prompt is empty: at least one token is needed")
@@ -95,9 +114,45 @@ class InputProcessor:
                              f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the prompt, "
                              f"{max_tokens} for the completion). Please reduce the length of the prompt "
                              f"or max_tokens.")
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:
-            raise ValueError(f"stop_token_ids must be token ids below the vocabulary size {self.vocab_size}, "
-                             f"got {bad[0]}")
+        self._check_token_ids(params)
         # A top_k past the vocabulary keeps every token, as top_k=0 does (and fits an int64 tensor).
-        return dataclasses.replace(params, eos_token_ids=self.eos_token_ids, top_k=min(params.top_k, self.vocab_size))
+        return prompt_token_ids, dataclasses.replace(params, eos_token_ids=self.eos_token_ids,
+                                                     top_k=min(params.top_k, self.vocab_size),
+                                                     bad_words_token_ids=self._bad_words_token_ids(params.bad_words))
+
+    def _truncate(self, prompt_token_ids: list[int], truncate_prompt_tokens: int | None) -> list[int]:
+        """The last truncate_prompt_tokens prompt tokens; -1 means max_model_len (vLLM)."""
+        if truncate_prompt_tokens is None:
+            return prompt_token_ids
+        if truncate_prompt_tokens > self.max_model_len:
+            raise ValueError(f"truncate_prompt_tokens ({truncate_prompt_tokens}) is greater than max_model_len "
+                             f"({self.max_model_len}); select a smaller truncation size")
+        num_kept = self.max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+        return prompt_token_ids[-num_kept:]
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """Every token id a request names must exist in the vocabulary (the sampler indexes
+        the logits with them)."""
+        fields = [("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or {}),
+                  ("allowed_token_ids", params.allowed_token_ids or [])]
+        for name, token_ids in fields:
+            bad = [t for t in token_ids if t >= self.vocab_size]
+            if bad:
+                raise ValueError(f"{name} must be token ids below the vocabulary size {self.vocab_size}, "
+                                 f"got {bad[0]}")
+
+    def _bad_words_token_ids(self, bad_words: list[str] | None) -> tuple[tuple[int, ...], ...]:
+        """Each bad word's token ids as vLLM bans it: the word (leading spaces stripped) and
+        the word after a space, which many tokenizers encode differently (the middle of a
+        text); duplicates and empty encodings dropped."""
+        sequences: list[tuple[int, ...]] = []
+        for word in bad_words or []:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                token_ids = tuple(self.tokenizer(text, add_special_tokens=False).input_ids)
+                if token_ids and token_ids not in sequences:
+                    sequences.append(token_ids)
+        bad = [t for token_ids in sequences for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"bad_words must encode to token ids below the vocabulary size {self.vocab_size}, "
+                             f"got {bad[0]}")
+        return tuple(sequences)

@@ -7,7 +7,7 @@ import time
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.engine_core import EngineCore
-from pagedllm.engine.input_processor import InputProcessor, PromptInput, load_tokenizer
+from pagedllm.engine.input_processor import InputProcessor, PromptInput, load_tokenizer, validate_cache_salt
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import Request, RequestStatus
@@ -32,26 +32,32 @@ class LLMEngine:
         return cls(EngineConfig.create(**kwargs))
 
     def add_request(self, request_id: str, prompt: PromptInput | list[int], params: SamplingParams,
-                    arrival_time: float | None = None, stream: bool = False) -> None:
-        """Validate and queue a prompt (text, {"prompt_token_ids": [...]}, or token ids
-        already tokenized). Raises ValueError naming the violated limit."""
+                    arrival_time: float | None = None, stream: bool = False, cache_salt: str | None = None) -> None:
+        """Validate and queue a prompt (text, {"prompt": text} or {"prompt_token_ids": [...]},
+        or token ids already tokenized). cache_salt: see add_tokenized_request; a prompt dict
+        may carry it as "cache_salt" instead. Raises ValueError naming the violated limit."""
         if request_id in self.output_processor.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, list):
             prompt = {"prompt_token_ids": prompt}
         text, token_ids = self.input_processor.tokenize(prompt)
-        self.add_tokenized_request(request_id, text, token_ids, params, arrival_time, stream)
+        if cache_salt is None:
+            cache_salt = self.input_processor.cache_salt(prompt)
+        self.add_tokenized_request(request_id, text, token_ids, params, arrival_time, stream, cache_salt)
 
     def add_tokenized_request(self, request_id: str, prompt: str | None, token_ids: list[int],
                               params: SamplingParams, arrival_time: float | None = None,
-                              stream: bool = False) -> None:
-        params = self.input_processor.validate(token_ids, params)
+                              stream: bool = False, cache_salt: str | None = None) -> None:
+        """Queue a tokenized prompt. cache_salt: only requests with the same salt share
+        prefix-cache blocks (a non-empty string; None shares with all unsalted requests)."""
+        cache_salt = validate_cache_salt(cache_salt)
+        token_ids, params = self.input_processor.validate(token_ids, params)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         self.output_processor.add_request(request_id, child_ids, prompt, token_ids, params, stream, arrival_time)
         first = None
         for index, child_id in enumerate(child_ids):
-            request = Request(child_id, token_ids, params, arrival_time, sample_index=index)
+            request = Request(child_id, token_ids, params, arrival_time, sample_index=index, cache_salt=cache_salt)
             # Samples 2..n share the first sample's prompt blocks once it is computed.
             request.fork_source = first
             first = first or request

@@ -46,20 +46,25 @@ class LLM:
     def generate(self, prompts: PromptInput | Sequence[PromptInput],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Outputs in the order of `prompts`. Every prompt is validated before
+        """Outputs in the order of `prompts`: text, {"prompt": text} or
+        {"prompt_token_ids": [...]}, a dict optionally with "cache_salt" (only prompts
+        with the same salt share prefix-cache blocks). Every prompt is validated before
         any is queued, so a bad one raises without leaving others half-run."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
         params_list = self._params_list(sampling_params, len(prompts))
         engine = self.llm_engine
-        tokenized = [engine.input_processor.tokenize(p) for p in prompts]
-        for (_, token_ids), params in zip(tokenized, params_list):
-            engine.input_processor.validate(token_ids, params)
+        processor = engine.input_processor
+        validated = []
+        for prompt, params in zip(prompts, params_list):
+            text, token_ids = processor.tokenize(prompt)
+            token_ids, params = processor.validate(token_ids, params)
+            validated.append((text, token_ids, params, processor.cache_salt(prompt)))
         request_ids = []
-        for (text, token_ids), params in zip(tokenized, params_list):
+        for text, token_ids, params, cache_salt in validated:
             request_id = str(next(self._request_counter))
-            engine.add_tokenized_request(request_id, text, token_ids, params)
+            engine.add_tokenized_request(request_id, text, token_ids, params, cache_salt=cache_salt)
             request_ids.append(request_id)
         return self._run(request_ids, use_tqdm)
 

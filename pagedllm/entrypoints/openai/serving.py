@@ -307,8 +307,7 @@ class OpenAIServing:
             if max_prompt_tokens is not None and len(token_ids) > max_prompt_tokens:
                 raise ValueError(f"prompt has {len(token_ids)} tokens, more than this server's limit of "
                                  f"{max_prompt_tokens} (--max-prompt-tokens)")
-        return [EngineRequest(f"{response_id}-{i}", text, token_ids, self.processor.validate(token_ids, params),
-                              arrival_time)
+        return [EngineRequest(f"{response_id}-{i}", text, *self.processor.validate(token_ids, params), arrival_time)
                 for i, (text, token_ids) in enumerate(prompts)]
 
     def _token_text(self, token_id: int, logprob: Logprob | None) -> str:
