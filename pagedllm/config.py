@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any
+
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
 # Alias -> (installed package, file inside it). Packages are installed --no-deps and
@@ -23,6 +29,11 @@ DEFAULT_CPU_KV_FRACTION = 0.25
 DEFAULT_CPU_KV_BYTES = 4 << 30
 # CUDA default: this share of the memory left after weights and activations.
 DEFAULT_GPU_KV_FRACTION = 0.9
+# generation_config.json keys that become default sampling parameters (vLLM's list), with
+# the SamplingParams field each sets.
+GENERATION_CONFIG_SAMPLING_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                                   "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+                                   "max_new_tokens": "max_tokens"}
 
 
 def cache_dir() -> str:
@@ -84,6 +95,32 @@ def normalize_hf_config(raw: dict) -> SimpleNamespace:
     return SimpleNamespace(**config)
 
 
+def load_default_sampling(generation_config: str, model_path: str, is_gguf: bool) -> dict[str, Any]:
+    """The default sampling parameters the model's creator recommends, as vLLM takes them:
+    the GENERATION_CONFIG_SAMPLING_KEYS a generation_config.json sets (do_sample is
+    ignored, as vLLM does). generation_config: auto (the model folder's file; a GGUF file
+    has none), vllm (none: SamplingParams' own defaults), or a folder holding the file."""
+    if generation_config == "vllm" or (generation_config == "auto" and is_gguf):
+        return {}
+    if generation_config == "auto":
+        path = os.path.join(model_path, "generation_config.json")
+        if not os.path.isfile(path):
+            return {}
+    else:
+        path = os.path.join(os.path.expanduser(generation_config), "generation_config.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"generation_config must be auto, vllm or a folder holding a generation_config.json; "
+                             f"{path} does not exist")
+    with open(path) as f:
+        raw = json.load(f)
+    defaults = {name: raw[key] for key, name in GENERATION_CONFIG_SAMPLING_KEYS.items() if raw.get(key) is not None}
+    try:
+        SamplingParams(**defaults)
+    except ValueError as error:  # refused now rather than on every request that takes the defaults
+        raise ValueError(f"{path}: {error} (generation_config='vllm' ignores the file)") from error
+    return defaults
+
+
 def _cpu_has_fast_bf16() -> bool:
     import torch
 
@@ -99,6 +136,9 @@ class ModelConfig:
     device: str  # cpu | cuda
     max_model_len: int
     seed: int
+    # Sampling defaults from generation_config.json (load_default_sampling): only the keys it
+    # sets, by SamplingParams field name.
+    default_sampling: dict[str, Any] = field(default_factory=dict)
 
     @property
     def architecture(self) -> str:
@@ -118,7 +158,7 @@ class ModelConfig:
 
     @staticmethod
     def create(model: str | None, dtype: str = "auto", device: str = "auto",
-               max_model_len: int | None = None, seed: int = 0) -> ModelConfig:
+               max_model_len: int | None = None, seed: int = 0, generation_config: str = "auto") -> ModelConfig:
         path = resolve_model_path(model)
         is_gguf = path.endswith(".gguf")
         if is_gguf:
@@ -137,7 +177,11 @@ class ModelConfig:
         elif not isinstance(max_model_len, int) or not 1 <= max_model_len <= context_len:
             raise ValueError(f"max_model_len must be an integer in [1, {context_len}] "
                              f"(the model's context length), got {max_model_len!r}")
-        return ModelConfig(path, is_gguf, hf_config, resolved_dtype, device, max_model_len, seed)
+        default_sampling = load_default_sampling(generation_config, path, is_gguf)
+        if default_sampling:
+            logger.info("default sampling parameters from the model's generation_config.json: %s "
+                        "(generation_config='vllm' ignores them)", default_sampling)
+        return ModelConfig(path, is_gguf, hf_config, resolved_dtype, device, max_model_len, seed, default_sampling)
 
 
 def _resolve_device(device: str) -> str:
@@ -254,8 +298,10 @@ class EngineConfig:
                num_kv_blocks: int | None = None, block_size: int = 16, max_num_seqs: int = 256,
                max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1,
-               distributed_executor_backend: str = "mp") -> EngineConfig:
-        model_config = ModelConfig.create(model, dtype, device, max_model_len, seed)
+               distributed_executor_backend: str = "mp", generation_config: str = "auto") -> EngineConfig:
+        """generation_config: where default sampling parameters come from (auto: the
+        model's generation_config.json; vllm: none; or a folder holding one)."""
+        model_config = ModelConfig.create(model, dtype, device, max_model_len, seed, generation_config)
         cache = CacheConfig(block_size, parse_memory_size(kv_cache_memory), num_kv_blocks, enable_prefix_caching,
                             kv_cache_dtype)
         if max_num_batched_tokens is None:

@@ -56,6 +56,9 @@ class InputProcessor:
         self.max_model_len = model_config.max_model_len
         self.vocab_size = model_config.hf_config.vocab_size
         self.eos_token_ids = eos_token_ids(model_config, tokenizer)
+        # The model's recommended sampling defaults (generation_config.json), only the keys
+        # it sets; a request's own fields override them.
+        self.default_sampling: dict[str, Any] = dict(model_config.default_sampling)
 
     def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         """-> (prompt text or None, token ids)."""

@@ -25,6 +25,9 @@ class LLM:
         of available memory) on CPU. num_kv_blocks overrides it.
     kv_cache_dtype: auto (the model's dtype) | float32 | bfloat16 | float16:
         how K/V are stored; attention computes in the model's dtype.
+    generation_config: auto (the model's generation_config.json sets the default
+        sampling parameters: get_default_sampling_params) | vllm (ignore it) | a
+        folder holding a generation_config.json.
     Other arguments: see EngineConfig.create.
     """
 
@@ -42,6 +45,12 @@ class LLM:
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's recommended defaults (generation_config.json,
+        unless the engine was made with generation_config="vllm"); what generate and chat
+        use when given no sampling_params."""
+        return SamplingParams(**self.llm_engine.input_processor.default_sampling)
 
     def generate(self, prompts: PromptInput | Sequence[PromptInput],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -81,10 +90,9 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": processor.tokenize_chat(text)})
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    @staticmethod
-    def _params_list(sampling_params, count: int) -> list[SamplingParams]:
+    def _params_list(self, sampling_params, count: int) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * count
+            return [self.get_default_sampling_params()] * count
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * count
         params_list = list(sampling_params)

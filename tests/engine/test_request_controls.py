@@ -1,13 +1,19 @@
 """Request controls handled before the engine core, on a tiny random checkpoint:
 cache_salt (prefix-cache isolation), truncate_prompt_tokens, bad_words' token ids,
-token-id fields checked against the vocabulary."""
+token-id fields checked against the vocabulary, and the model's generation_config.json
+sampling defaults (--generation-config auto | vllm | folder)."""
 
 from __future__ import annotations
+
+import json
+import logging
+import os
 
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.config import load_default_sampling
 from tests.tiny_models import TINY_VOCAB_SIZE, hf_greedy, save_tiny_model
 
 MAX_MODEL_LEN = 128
@@ -113,3 +119,62 @@ def test_token_id_fields_must_be_in_the_vocabulary(llm, field, value):
         llm.generate([{"prompt_token_ids": [5, 6]}], SamplingParams(**{field: value}), use_tqdm=False)
     in_range = {k - 1: v for k, v in value.items()} if isinstance(value, dict) else [t - 2 for t in value]
     llm.llm_engine.input_processor.validate([5, 6], SamplingParams(**{field: in_range}))
+
+
+def _model_with_generation_config(tiny_folder: str, folder, generation_config: dict) -> str:
+    """The tiny model's files, with this generation_config.json."""
+    folder.mkdir()
+    for name in os.listdir(tiny_folder):
+        if name != "generation_config.json":
+            os.symlink(os.path.join(tiny_folder, name), folder / name)
+    (folder / "generation_config.json").write_text(json.dumps(generation_config))
+    return str(folder)
+
+
+GENERATION_CONFIG = {"bos_token_id": 0, "eos_token_id": 1, "do_sample": False, "temperature": 0.0, "top_k": 7,
+                     "top_p": None, "max_new_tokens": 3, "max_length": 20}
+DEFAULT_SAMPLING = {"temperature": 0.0, "top_k": 7, "max_tokens": 3}
+
+
+def test_generation_config_gives_the_default_sampling_params(tiny, tmp_path, caplog):
+    folder = _model_with_generation_config(tiny[0], tmp_path / "model", GENERATION_CONFIG)
+    with caplog.at_level(logging.INFO, logger="pagedllm.config"):
+        llm = LLM(folder, **ENGINE_KWARGS)
+    assert f"default sampling parameters from the model's generation_config.json: {DEFAULT_SAMPLING}" in caplog.text
+    assert llm.llm_engine.input_processor.default_sampling == DEFAULT_SAMPLING
+    assert llm.get_default_sampling_params() == SamplingParams(temperature=0.0, top_k=7, max_tokens=3)
+    ids = {"prompt_token_ids": [5, 6, 7, 8]}
+    [output] = llm.generate([ids], use_tqdm=False)
+    [expected] = llm.generate([ids], SamplingParams(temperature=0, top_k=7, max_tokens=3), use_tqdm=False)
+    assert output.outputs[0].token_ids == expected.outputs[0].token_ids
+    [chat] = llm.chat([{"role": "user", "content": "Hi"}], use_tqdm=False)
+    assert len(chat.outputs[0].token_ids) <= 3
+    # Explicit SamplingParams replace the defaults.
+    explicit = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    assert len(llm.generate([ids], explicit, use_tqdm=False)[0].outputs[0].token_ids) == 6
+
+
+def test_generation_config_vllm_ignores_the_file_and_a_folder_supplies_one(tiny, tmp_path):
+    folder = _model_with_generation_config(tiny[0], tmp_path / "model", GENERATION_CONFIG)
+    llm = LLM(folder, generation_config="vllm", **ENGINE_KWARGS)
+    assert llm.llm_engine.input_processor.default_sampling == {}
+    assert llm.get_default_sampling_params() == SamplingParams()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "generation_config.json").write_text(json.dumps({"top_p": 0.5, "repetition_penalty": 1.2}))
+    llm = LLM(tiny[0], generation_config=str(other), **ENGINE_KWARGS)
+    assert llm.llm_engine.input_processor.default_sampling == {"top_p": 0.5, "repetition_penalty": 1.2}
+
+
+def test_generation_config_refused_at_start_up(tiny, tmp_path):
+    with pytest.raises(ValueError, match="holding a generation_config.json"):
+        LLM(tiny[0], generation_config=str(tmp_path / "nowhere"), **ENGINE_KWARGS)
+    folder = _model_with_generation_config(tiny[0], tmp_path / "model", {"top_p": 0.0})
+    with pytest.raises(ValueError, match="top_p must be"):
+        LLM(folder, **ENGINE_KWARGS)
+
+
+def test_gguf_and_plain_folders_have_no_defaults(tiny, tmp_path):
+    assert load_default_sampling("auto", str(tmp_path / "model.gguf"), is_gguf=True) == {}
+    assert load_default_sampling("auto", str(tmp_path), is_gguf=False) == {}  # no generation_config.json
+    assert load_default_sampling("auto", tiny[0], is_gguf=False) == {}  # one without sampling keys
