@@ -17,6 +17,12 @@ from tests.entrypoints.conftest import API_KEY, MODEL, NUM_KV_BLOCKS, metric_val
 
 IGNORE_EOS = {"ignore_eos": True}
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+# Ten prompts of 480 tokens (the context is 512) in one request, for the disconnect tests:
+# at most five fit in the KV pool at a time, so they need two rounds of 480 model steps.
+# A client that leaves once they run leaves long before the last can finish, however
+# fast the machine; no test relies on how long generation takes.
+LONG_PROMPTS = [f"A long story, part {i}" for i in range(10)]
+LONG_MAX_TOKENS = 480
 
 
 def greedy(**kwargs) -> dict:
@@ -177,29 +183,54 @@ def _wait_until_idle(http: httpx.Client) -> str:
     pytest.fail(f"the engine did not become idle:\n{text}")
 
 
-def _num_aborted(http: httpx.Client) -> float:
-    return metric_value(http.get("/metrics").text, "pagedllm:request_success_total", finished_reason="abort")
+def _num_finished(http: httpx.Client) -> tuple[float, float]:
+    """-> (requests aborted, requests finished by length) so far."""
+    text = http.get("/metrics").text
+    return tuple(metric_value(text, "pagedllm:request_success_total", finished_reason=reason)
+                 for reason in ("abort", "length"))
+
+
+def _check_aborted_once_idle(http: httpx.Client, finished_before: tuple[float, float]) -> None:
+    _wait_until_idle(http)
+    num_aborted, num_finished = (now - before for now, before in zip(_num_finished(http), finished_before))
+    # Every prompt is accounted for, and the client left before the last one could finish.
+    assert num_aborted >= 1 and num_aborted + num_finished == len(LONG_PROMPTS), (num_aborted, num_finished)
 
 
 def test_disconnect_mid_stream_frees_the_kv_pool(server, http):
-    aborted_before = _num_aborted(http)
-    body = dict(model=MODEL, prompt="A long story", max_tokens=480, ignore_eos=True, stream=True)
+    finished_before = _num_finished(http)
+    body = dict(model=MODEL, prompt=LONG_PROMPTS, max_tokens=LONG_MAX_TOKENS, ignore_eos=True, stream=True)
     with http.stream("POST", "/v1/completions", json=body) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
         running = metric_value(http.get("/metrics").text, "pagedllm:kv_cache_usage_perc")
     assert running > 0  # the request held blocks while streaming
-    _wait_until_idle(http)
-    assert _num_aborted(http) == aborted_before + 1
+    _check_aborted_once_idle(http, finished_before)
+
+
+async def _leave_once_running(url: str, body: dict) -> None:
+    """POST `body` and close the connection as soon as the engine runs it, not after a
+    guessed time: a non-streamed response gives no sign of progress until its end."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as client:
+        posting = asyncio.create_task(client.post("/v1/completions", json=body))
+        deadline = time.monotonic() + 30
+        while True:
+            running = metric_value((await client.get("/metrics")).text, "pagedllm:num_requests_running")
+            assert not posting.done(), f"answered before the client could leave: {posting.result().text[:300]}"
+            if running:
+                break
+            assert time.monotonic() < deadline, "the request never ran"
+            await asyncio.sleep(0.01)
+        posting.cancel()  # httpx closes a connection whose response is unread
+        await asyncio.gather(posting, return_exceptions=True)
 
 
 def test_disconnect_while_waiting_for_a_non_streamed_response_aborts(server, http):
-    aborted_before = _num_aborted(http)
-    body = dict(model=MODEL, prompt="Another long story", max_tokens=480, ignore_eos=True)
-    with pytest.raises(httpx.ReadTimeout):
-        http.post("/v1/completions", json=body, timeout=0.5)
-    _wait_until_idle(http)
-    assert _num_aborted(http) == aborted_before + 1
+    finished_before = _num_finished(http)
+    body = dict(model=MODEL, prompt=LONG_PROMPTS, max_tokens=LONG_MAX_TOKENS, ignore_eos=True)
+    asyncio.run(_leave_once_running(server.url, body))
+    _check_aborted_once_idle(http, finished_before)
 
 
 def test_metrics_have_vllm_names_with_the_model_label(client, http):
