@@ -60,6 +60,9 @@ class Request:
         # blocks this one shares once that sibling has computed the prompt.
         self.fork_source: Request | None = None
         self.first_scheduled_time: float | None = None
+        # Structured outputs: the request's place in its grammar (a GrammarMatcher of
+        # pagedllm.structured_output.grammar), advanced with every sampled token.
+        self.grammar = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -24,6 +24,50 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _token_key(key):
+    """A logit_bias key as a token id: JSON gives "1234"; anything else is left for
+    validation to name."""
+    if isinstance(key, str) and key.strip().isdigit():
+        return int(key)
+    return key
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on the output, enforced token by token with a grammar: exactly
+    one of the fields is set (vLLM's names).
+
+    json: a JSON schema (dict or its JSON text): the output is JSON matching it.
+    json_object: any JSON object.
+    regex: the whole output matches this regular expression.
+    choice: the output is exactly one of these strings.
+    grammar: a context-free grammar, in GBNF/EBNF (llama.cpp's notation, `root ::= ...`)
+        or Lark (`start: ...`).
+    """
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        kinds += ["json_object"] if self.json_object else []
+        if len(kinds) != 1:
+            raise ValueError("structured_outputs must set exactly one of json, json_object, regex, choice, "
+                             f"grammar; got {kinds or 'none'}")
+        _check(self.json is None or isinstance(self.json, (dict, str)), "structured_outputs.json",
+               "a JSON schema (object or JSON text)", self.json)
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, str) and value), f"structured_outputs.{name}",
+                   "a non-empty string", value)
+        _check(self.choice is None or (isinstance(self.choice, (list, tuple)) and self.choice
+                                       and all(isinstance(c, str) and c for c in self.choice)),
+               "structured_outputs.choice", "a non-empty list of non-empty strings", self.choice)
+
+
 @dataclass
 class SamplingParams:
     """Sampling options for one prompt.
@@ -51,6 +95,15 @@ class SamplingParams:
         (0..MAX_LOGPROBS); None = no logprobs.
     prompt_logprobs: same for every prompt token (the first has none).
     skip_special_tokens: drop special tokens from the detokenized text.
+    logit_bias: token id -> bias in [-100, 100] added to its logit before
+        sampling (-100 bans the token in practice, +100 forces it).
+    allowed_token_ids: only these tokens may be sampled.
+    bad_words: words never generated: each word's tokens (with and without a
+        leading space) are banned as a sequence (the last token is masked when the
+        ones before it were just generated).
+    structured_outputs: a grammar the output must follow (StructuredOutputsParams).
+    truncate_prompt_tokens: keep only the last k prompt tokens (-1: as many as
+        max_model_len allows); None keeps the whole prompt.
     """
 
     n: int = 1
@@ -71,8 +124,15 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
-    # Filled by the engine: EOS ids of the model (not a user field).
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    truncate_prompt_tokens: int | None = None
+    # Filled by the engine (not user fields): EOS ids of the model, and the token id
+    # sequences of bad_words.
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -81,6 +141,11 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.logit_bias is not None and isinstance(self.logit_bias, dict):
+            # JSON object keys are strings: {"1234": -100} means token 1234.
+            self.logit_bias = {_token_key(key): value for key, value in self.logit_bias.items()}
         self._validate()
 
     def _validate(self) -> None:
@@ -110,6 +175,25 @@ class SamplingParams:
             value = getattr(self, name)
             _check(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS),
                    name, f"None or an integer in [0, {MAX_LOGPROBS}]", value)
+
+        self._validate_token_controls()
+
+    def _validate_token_controls(self) -> None:
+        _check(self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+            _is_int(k) and k >= 0 and _is_number(v) and -100 <= v <= 100 for k, v in self.logit_bias.items())),
+               "logit_bias", "a map of token ids to numbers in [-100, 100]", self.logit_bias)
+        _check(self.allowed_token_ids is None or (
+            isinstance(self.allowed_token_ids, (list, tuple)) and self.allowed_token_ids
+            and all(_is_int(t) and t >= 0 for t in self.allowed_token_ids)),
+               "allowed_token_ids", "a non-empty list of non-negative integers", self.allowed_token_ids)
+        _check(self.bad_words is None or (isinstance(self.bad_words, (list, tuple)) and all(
+            isinstance(w, str) and w.strip() for w in self.bad_words)), "bad_words",
+               "a list of non-blank strings", self.bad_words)
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", "a StructuredOutputsParams", self.structured_outputs)
+        _check(self.truncate_prompt_tokens is None or (_is_int(self.truncate_prompt_tokens) and (
+            self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1)),
+               "truncate_prompt_tokens", "-1, a positive integer or None", self.truncate_prompt_tokens)
 
     @property
     def greedy(self) -> bool:

@@ -214,6 +214,8 @@ class Scheduler:
                                                     num_cached_tokens=request.num_cached_tokens or 0))
                 continue
             request.append_output_token(token_id)
+            if request.grammar is not None:
+                request.grammar.accept_token(token_id)
             self.kv.cache_full_blocks(request)
             self._fork_pending_siblings(request)
             self.kv.release_out_of_window_blocks(request)

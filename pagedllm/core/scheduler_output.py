@@ -7,6 +7,7 @@ to worker processes and Ray actors unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedllm.sampling_params import SamplingParams
 
@@ -36,6 +37,15 @@ class CachedRequestData:
 
 
 @dataclass
+class GrammarBitmask:
+    """The next-token masks of this step's constrained requests that sample: row i of
+    `bitmask` (numpy int32 [len(request_ids), ceil(vocab / 32)]) belongs to request_ids[i]."""
+
+    request_ids: list[str]
+    bitmask: Any
+
+
+@dataclass
 class SchedulerOutput:
     new_requests: list[NewRequestData] = field(default_factory=list)
     cached_requests: list[CachedRequestData] = field(default_factory=list)
@@ -45,6 +55,8 @@ class SchedulerOutput:
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     # Requests the workers must forget (finished, aborted or preempted).
     freed_request_ids: list[str] = field(default_factory=list)
+    # Filled by the engine core when requests with a grammar sample this step.
+    grammar_bitmask: GrammarBitmask | None = None
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -13,6 +13,9 @@ def check_stop(request: Request, max_model_len: int) -> RequestStatus | None:
     num_output = request.num_output_tokens
     if request.num_tokens >= max_model_len:
         return RequestStatus.FINISHED_LENGTH
+    if request.grammar is not None and request.grammar.is_terminated():
+        # The grammar is complete: only EOS could follow.
+        return RequestStatus.FINISHED_STOPPED
     if num_output < params.min_tokens:
         return None
     last_token = request.output_token_ids[-1]

@@ -7,8 +7,9 @@ import logging
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager, cdiv
 from pagedllm.core.scheduler import Scheduler, SchedulerStats
-from pagedllm.core.scheduler_output import EngineCoreOutput
+from pagedllm.core.scheduler_output import EngineCoreOutput, GrammarBitmask, SchedulerOutput
 from pagedllm.request import Request, RequestStatus
+from pagedllm.structured_output.grammar import fill_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class EngineCore:
             raise
         kv_cache_manager = KVCacheManager(self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
                                           self.executor.attention_window())
+        self.vocab_size = config.model.hf_config.vocab_size
         self.scheduler = Scheduler(kv_cache_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens, config.model.max_model_len)
 
@@ -75,8 +77,22 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty and not scheduler_output.freed_request_ids:
             return []
+        scheduler_output.grammar_bitmask = self._grammar_bitmask(scheduler_output)
         runner_output = self.executor.execute_model(scheduler_output)
         return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def _grammar_bitmask(self, scheduler_output: SchedulerOutput) -> GrammarBitmask | None:
+        """The masks of the requests with a grammar whose last scheduled token is
+        sampled this step (a partial prompt chunk samples nothing)."""
+        sampling = []
+        for request_id, num_new in scheduler_output.num_scheduled_tokens.items():
+            request = self.scheduler.requests[request_id]
+            if request.grammar is not None and request.num_computed_tokens + num_new == request.num_tokens:
+                sampling.append(request)
+        if not sampling:
+            return None
+        bitmask = fill_bitmask([request.grammar for request in sampling], self.vocab_size)
+        return GrammarBitmask([request.request_id for request in sampling], bitmask)
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()

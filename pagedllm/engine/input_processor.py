@@ -9,6 +9,7 @@ from typing import Any, Union
 
 from pagedllm.config import ModelConfig
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_output.grammar import GrammarCompiler
 
 # A prompt is text, or a dict {"prompt": text} or {"prompt_token_ids": [...]} (optionally
 # with "prompt" too), either optionally with "cache_salt" (see validate_cache_salt).
@@ -56,6 +57,7 @@ class InputProcessor:
         self.max_model_len = model_config.max_model_len
         self.vocab_size = model_config.hf_config.vocab_size
         self.eos_token_ids = eos_token_ids(model_config, tokenizer)
+        self.grammar_compiler = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)
         # The model's recommended sampling defaults (generation_config.json), only the keys
         # it sets; a request's own fields override them.
         self.default_sampling: dict[str, Any] = dict(model_config.default_sampling)
@@ -118,6 +120,8 @@ class InputProcessor:
                              f"{max_tokens} for the completion). Please reduce the length of the prompt "
                              f"or max_tokens.")
         self._check_token_ids(params)
+        if params.structured_outputs is not None:
+            self.grammar_compiler.compile(params.structured_outputs)  # a cache hit once compiled
         # A top_k past the vocabulary keeps every token, as top_k=0 does (and fits an int64 tensor).
         return prompt_token_ids, dataclasses.replace(params, eos_token_ids=self.eos_token_ids,
                                                      top_k=min(params.top_k, self.vocab_size),

@@ -54,10 +54,15 @@ class LLMEngine:
         token_ids, params = self.input_processor.validate(token_ids, params)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.input_processor.grammar_compiler.compile(params.structured_outputs)
         self.output_processor.add_request(request_id, child_ids, prompt, token_ids, params, stream, arrival_time)
         first = None
         for index, child_id in enumerate(child_ids):
             request = Request(child_id, token_ids, params, arrival_time, sample_index=index, cache_salt=cache_salt)
+            if grammar is not None:
+                request.grammar = grammar.new_matcher()  # each sample walks the grammar on its own
             # Samples 2..n share the first sample's prompt blocks once it is computed.
             request.fork_source = first
             first = first or request

@@ -143,8 +143,12 @@ class OutputProcessor:
             for entry in out.new_logprobs:
                 sample.logprobs.append(self._position_logprobs(entry))
                 sample.cumulative_logprob += entry.logprobs[0]
-        # A stop token (EOS or stop_token_ids) ends the text without its own text.
-        stopped_by_token = out.finish_reason == "stop" and not params.include_stop_str_in_output
+        # A stop token (EOS or stop_token_ids) ends the text without its own text; a
+        # completed grammar ends it after an ordinary token, which stays.
+        last_token = out.new_token_ids[-1]
+        stopped_by_token = (out.finish_reason == "stop" and not params.include_stop_str_in_output
+                            and (last_token == out.stop_reason
+                                 or (not params.ignore_eos and last_token in params.eos_token_ids)))
         new_ids = out.new_token_ids[:-1] if stopped_by_token else out.new_token_ids
         if sample.decoder is None:
             return False

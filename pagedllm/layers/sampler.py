@@ -1,4 +1,5 @@
-"""Batched sampling: penalties, temperature, top-k / top-p / min-p, seeds, logprobs.
+"""Batched sampling: penalties, logit bias, token masks (grammars, allowed tokens, bad
+words), temperature, top-k / top-p / min-p, seeds, logprobs.
 
 Every request in the batch has its own parameters, so each is a [B] tensor and
 rows that do not use a feature see a neutral value. Seeded requests draw their
@@ -38,9 +39,14 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor | None  # [B, 1]
     output_token_counts: torch.Tensor | None  # [B, V] counts of each token in the output so far
     prompt_token_mask: torch.Tensor | None  # [B, V] bool, token occurs in the prompt
-    suppressed_tokens: list[tuple[int, list[int]]]  # (row, token ids) masked out (min_tokens)
+    suppressed_tokens: list[tuple[int, list[int]]]  # (row, token ids) masked out (min_tokens, bad_words)
     seeds: list[int | None]  # per row: mixed seed for this position, or None
     num_logprobs: list[int | None]  # per row: top-N logprobs asked for
+    # (rows [N], token ids [N], biases [N]): logit_bias entries of the whole batch.
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # (rows [K], int32 [K, ceil(V / 32)]): the tokens each constrained row may sample
+    # (grammar and allowed_token_ids); bit j of word i allows token 32 * i + j.
+    allowed_bitmask: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def all_greedy(self) -> bool:
@@ -57,6 +63,17 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         counts = batch.output_token_counts.to(logits.dtype)
         logits = logits - batch.frequency_penalty * counts - batch.presence_penalty * (counts > 0)
     return logits
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: -inf for every token of logits[rows] whose bit is 0. logits [B, V],
+    rows [K], bitmask int32 [K, W]; tokens past 32 * W are not allowed."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)  # [K, 32 * W]
+    vocab_size = logits.shape[1]
+    if allowed.shape[1] < vocab_size:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]), value=False)
+    logits[rows] = logits[rows].masked_fill(~allowed[:, :vocab_size], float("-inf"))
 
 
 def _filter_probs(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -99,8 +116,12 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
     wants_logprobs = any(n is not None for n in batch.num_logprobs)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
     logits = apply_penalties(logits, batch)
+    if batch.logit_bias is not None:
+        logits = logits.index_put(batch.logit_bias[:2], batch.logit_bias[2], accumulate=True)
     for row, token_ids in batch.suppressed_tokens:
         logits[row, token_ids] = float("-inf")
+    if batch.allowed_bitmask is not None:
+        apply_token_bitmask(logits, *batch.allowed_bitmask)
     greedy_tokens = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy_tokens, raw_logprobs

@@ -14,7 +14,7 @@ import torch
 
 from pagedllm.attention.metadata import AttentionMetadata
 from pagedllm.config import CacheConfig, ModelConfig
-from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.core.scheduler_output import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.sampler import SamplingBatch, gather_logprobs, mix_seed, sample
 from pagedllm.loader.model_loader import load_model, torch_dtype
@@ -30,6 +30,8 @@ class RequestState:
     num_computed_tokens: int
     sampling_params: SamplingParams
     sample_index: int
+    # allowed_token_ids as a bitmask (int32 [ceil(V / 32)]), None if unrestricted.
+    allowed_bitmask: np.ndarray | None = None
 
     @property
     def num_output_tokens(self) -> int:
@@ -46,6 +48,7 @@ class ModelInput:
     sample_rows: torch.Tensor  # [S] rows of the flat batch whose hidden states are sampled
     # request id -> (first target position, hidden-state rows, target token ids)
     prompt_logprob_rows: dict[str, tuple[int, np.ndarray, np.ndarray]]
+    grammar_bitmask: GrammarBitmask | None
 
 
 class ModelRunner:
@@ -82,9 +85,11 @@ class ModelRunner:
         for request_id in scheduler_output.freed_request_ids:
             self.requests.pop(request_id, None)
         for new in scheduler_output.new_requests:
+            allowed = new.sampling_params.allowed_token_ids
             self.requests[new.request_id] = RequestState(
                 list(new.token_ids), new.num_prompt_tokens, list(new.block_ids), new.num_computed_tokens,
-                new.sampling_params, new.sample_index)
+                new.sampling_params, new.sample_index,
+                None if allowed is None else token_bitmask(allowed, self.vocab_size))
         for delta in scheduler_output.cached_requests:
             state = self.requests[delta.request_id]
             state.token_ids.extend(delta.new_token_ids)
@@ -134,7 +139,7 @@ class ModelRunner:
             query_start_np=query_start, query_lens_np=query_lens, seq_lens_np=seq_lens, block_size=self.block_size)
         return ModelInput(request_ids, torch.from_numpy(input_ids).to(device), torch.from_numpy(positions).to(device),
                           metadata, sample_request_ids, torch.tensor(sample_rows, dtype=torch.int64, device=device),
-                          prompt_logprob_rows)
+                          prompt_logprob_rows, scheduler_output.grammar_bitmask)
 
     # ---- the step -----------------------------------------------------------
 
@@ -162,7 +167,8 @@ class ModelRunner:
         if not request_ids:
             return
         states = [self.requests[r] for r in request_ids]
-        token_ids, raw_logprobs = sample(logits, self._sampling_batch(states))
+        token_ids, raw_logprobs = sample(logits, self._sampling_batch(states, request_ids,
+                                                                      model_input.grammar_bitmask))
         output.sampled_token_ids = dict(zip(request_ids, token_ids.tolist()))
         rows = [i for i, s in enumerate(states) if s.sampling_params.logprobs is not None]
         if rows:
@@ -187,7 +193,8 @@ class ModelRunner:
             # Position 0 has no prompt logprob: the list starts with None there.
             output.prompt_logprobs[request_id] = (start, ([None] if start == 0 else []) + entries)
 
-    def _sampling_batch(self, states: list[RequestState]) -> SamplingBatch:
+    def _sampling_batch(self, states: list[RequestState], request_ids: list[str],
+                        grammar_bitmask: GrammarBitmask | None) -> SamplingBatch:
         device, vocab = self.device, self.vocab_size
         params = [s.sampling_params for s in states]
 
@@ -211,11 +218,10 @@ class ModelRunner:
             frequency = column([p.frequency_penalty for p in params]).unsqueeze(1)
             repetition = column([p.repetition_penalty for p in params]).unsqueeze(1)
         suppressed = []
-        for row, (state, p) in enumerate(zip(states, params)):
-            if state.num_output_tokens < p.min_tokens:
-                ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p.eos_token_ids))
-                if ids:
-                    suppressed.append((row, ids))
+        for row, state in enumerate(states):
+            ids = _suppressed_token_ids(state)
+            if ids:
+                suppressed.append((row, ids))
         return SamplingBatch(
             temperature=column([p.temperature for p in params]),
             top_k=optional(top_k, vocab, torch.int64), top_p=optional([p.top_p for p in params], 1.0),
@@ -224,4 +230,57 @@ class ModelRunner:
             output_token_counts=counts, prompt_token_mask=prompt_mask, suppressed_tokens=suppressed,
             seeds=[None if p.seed is None else mix_seed(p.seed, s.sample_index, s.num_output_tokens)
                    for s, p in zip(states, params)],
-            num_logprobs=[p.logprobs for p in params])
+            num_logprobs=[p.logprobs for p in params],
+            logit_bias=self._logit_bias(params), allowed_bitmask=self._allowed_bitmask(states, request_ids,
+                                                                                      grammar_bitmask))
+
+    def _logit_bias(self, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        rows, token_ids, biases = [], [], []
+        for row, p in enumerate(params):
+            if p.logit_bias:
+                rows += [row] * len(p.logit_bias)
+                token_ids += p.logit_bias.keys()
+                biases += p.logit_bias.values()
+        if not rows:
+            return None
+        return (torch.tensor(rows, device=self.device), torch.tensor(token_ids, device=self.device),
+                torch.tensor(biases, dtype=torch.float32, device=self.device))
+
+    def _allowed_bitmask(self, states: list[RequestState], request_ids: list[str],
+                         grammar_bitmask: GrammarBitmask | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rows restricted by a grammar, allowed_token_ids or both (the masks' AND)."""
+        grammar_rows = {} if grammar_bitmask is None else dict(zip(grammar_bitmask.request_ids,
+                                                                  grammar_bitmask.bitmask))
+        rows, masks = [], []
+        for row, (request_id, state) in enumerate(zip(request_ids, states)):
+            mask = grammar_rows.get(request_id)
+            if state.allowed_bitmask is not None:
+                mask = state.allowed_bitmask if mask is None else mask & state.allowed_bitmask
+            if mask is not None:
+                rows.append(row)
+                masks.append(mask)
+        if not rows:
+            return None
+        return torch.tensor(rows, device=self.device), torch.from_numpy(np.stack(masks)).to(self.device)
+
+
+def token_bitmask(token_ids: list[int], vocab_size: int) -> np.ndarray:
+    """int32 [ceil(vocab_size / 32)] with bit j of word i set for token 32 * i + j in token_ids."""
+    bits = np.zeros(-(-vocab_size // 32) * 32, bool)
+    bits[token_ids] = True
+    return np.packbits(bits, bitorder="little").view("<i4")
+
+
+def _suppressed_token_ids(state: RequestState) -> list[int]:
+    """Tokens the request may not sample now: EOS and stop tokens before min_tokens
+    (unless a grammar decides where the output ends), and the last token of each bad
+    word whose other tokens were just generated."""
+    params = state.sampling_params
+    ids = []
+    if state.num_output_tokens < params.min_tokens and params.structured_outputs is None:
+        ids += list(params.stop_token_ids) + ([] if params.ignore_eos else list(params.eos_token_ids))
+    for word in params.bad_words_token_ids:
+        prefix = word[:-1]
+        if not prefix or (len(prefix) <= state.num_output_tokens and tuple(state.token_ids[-len(prefix):]) == prefix):
+            ids.append(word[-1])
+    return ids

@@ -1,0 +1,1 @@
+"""Structured outputs: grammars that constrain sampling token by token (llguidance)."""
