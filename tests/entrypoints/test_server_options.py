@@ -56,16 +56,17 @@ async def _wait_for_metric(client: httpx.AsyncClient, name: str, value: float) -
 
 
 async def _overload(url: str) -> tuple[httpx.Response, httpx.Response]:
-    """-> (the answer to a third request while one runs and one waits, /health meanwhile)."""
+    """-> (the answer to another request while one runs and one waits, /health meanwhile)."""
+    # Two prompts in one stream: from its first token on (max_num_seqs is 1) one runs and one waits until
+    # the first has made its 480 tokens, far longer than the next request takes to arrive on any machine.
+    two_prompts = {**LONG_REQUEST, "prompt": [LONG_REQUEST["prompt"], "Longer"], "stream": True}
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-        async with client.stream("POST", "/v1/completions", json={**LONG_REQUEST, "stream": True}) as running:
+        async with client.stream("POST", "/v1/completions", json=two_prompts) as running:
             lines = running.aiter_lines()  # kept: dropping it would close the stream
-            await anext(lines)  # it runs: max_num_seqs is 1
-            waiting = asyncio.create_task(client.post("/v1/completions", json=LONG_REQUEST))
+            await anext(lines)
             await _wait_for_metric(client, "pagedllm:num_requests_waiting", 1)
             refused = await client.post("/v1/completions", json=LONG_REQUEST)
             health = await client.get("/health")
-        waiting.cancel()
         await _wait_for_metric(client, "pagedllm:kv_cache_usage_perc", 0)
     return refused, health
 
