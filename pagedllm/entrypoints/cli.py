@@ -1,13 +1,38 @@
-"""The `pagedllm` command: serve, generate, bench, models."""
+"""The `pagedllm` command: serve, generate, bench, models.
+
+A plain `pip install pagedllm` must run every command but `bench`: the benchmarks,
+and the packages of the bench extra they import, are imported only when a bench
+command line is parsed.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 from pagedllm.config import DEFAULT_MODEL_ALIAS
 from pagedllm.entrypoints.cli_args import add_engine_args, engine_kwargs
+
+# The packages of the `bench` extra (pyproject.toml), by import name.
+BENCH_EXTRA = frozenset({"openai", "httpx", "matplotlib", "accelerate"})
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser that can get its arguments only when argparse reaches it
+    (`add_arguments`), so that what they import is imported for that command alone."""
+
+    def __init__(self, *args, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._add_arguments = add_arguments
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._add_arguments is not None:
+            add_arguments, self._add_arguments = self._add_arguments, None
+            add_arguments(self)
+        return super().parse_known_args(args, namespace)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -36,9 +61,18 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_commands(bench: argparse.ArgumentParser) -> None:
+    from pagedllm.bench.cli import add_bench_subcommands
+    from pagedllm.bench.throughput import add_throughput_parser
+
+    commands = bench.add_subparsers(dest="bench_command", required=True)
+    add_throughput_parser(commands)
+    add_bench_subcommands(commands)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedllm", description="High-throughput LLM inference and serving.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     generate = commands.add_parser("generate", help="generate a completion for one prompt")
     add_engine_args(generate)
@@ -58,23 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(commands)
 
-    from pagedllm.bench.cli import add_bench_subcommands
-    from pagedllm.bench.throughput import add_throughput_parser
-
-    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
-    add_throughput_parser(bench)
-    add_bench_subcommands(bench)
+    commands.add_parser("bench", help="benchmarks", add_arguments=_add_bench_commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return args.func(args) or 0
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as error:
+        package = (error.name or "").partition(".")[0]
+        if package not in BENCH_EXTRA:
+            raise
+        # Only the benchmarks import these: a one-line hint, not a traceback.
+        print(f"error: {package} is not installed; the benchmarks need the bench extra: "
+              "pip install 'pagedllm[bench]'", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
