@@ -4,6 +4,7 @@ step off the event loop, and a failing step turning the server to 503."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from contextlib import aclosing
 
@@ -38,21 +39,42 @@ async def _wait_idle(async_engine: AsyncLLMEngine) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_deltas_add_up_and_closing_early_aborts(engine):
+def test_deltas_add_up_and_closing_early_aborts(engine, monkeypatch):
+    finish_reasons = {}
+
+    def observe(stats, outputs, turn_started):
+        finish_reasons.update((o.request_id, o.outputs[0].finish_reason) for o in outputs if o.finished)
+
+    caller_left = threading.Event()
+    real_step = engine.step
+    num_gated_steps = []
+
+    def one_step_then_wait_for_the_caller():
+        # "c" gets its first token, then the engine waits for its caller to leave: however fast the machine,
+        # it cannot finish first (the wait is bounded so that a failing test still ends).
+        if num_gated_steps:
+            caller_left.wait(timeout=30)
+        num_gated_steps.append(1)
+        return real_step()
+
     async def scenario():
-        async_engine = AsyncLLMEngine(engine)
+        async_engine = AsyncLLMEngine(engine, observe)
         async_engine.start()
         try:
             deltas = [d async for d in async_engine.generate([request("a", 6), request("b", 4)])]
             per_request = {rid: sum(len(d.outputs[0].token_ids) for d in deltas if d.request_id == rid and d.outputs)
                            for rid in "ab"}
             assert per_request == {"a": 6, "b": 4}
+            monkeypatch.setattr(engine, "step", one_step_then_wait_for_the_caller)
             async with aclosing(async_engine.generate([request("c", 400)])) as stream:
                 await anext(stream)
                 assert async_engine.stats.kv_cache_usage > 0
+            caller_left.set()
             await _wait_idle(async_engine)
             assert not engine.has_unfinished_requests()
+            assert finish_reasons == {"a": "length", "b": "length", "c": "abort"}
         finally:
+            caller_left.set()
             await async_engine.shutdown()
 
     asyncio.run(scenario())
@@ -60,9 +82,14 @@ def test_deltas_add_up_and_closing_early_aborts(engine):
 
 def test_the_model_step_does_not_block_the_event_loop(engine, monkeypatch):
     real_step = engine.step
+    loop_ran = threading.Event()
+    steps_that_saw_the_loop_run = []
 
     def slow_step():
-        time.sleep(0.05)  # releases the GIL, like a long model step
+        # A long model step: it lasts until the event loop has run meanwhile, which a loop blocked by the step
+        # never does (the step then gives up after 10 s, and the test fails).
+        loop_ran.clear()
+        steps_that_saw_the_loop_run.append(loop_ran.wait(timeout=10))
         return real_step()
 
     monkeypatch.setattr(engine, "step", slow_step)
@@ -70,24 +97,21 @@ def test_the_model_step_does_not_block_the_event_loop(engine, monkeypatch):
     async def scenario():
         async_engine = AsyncLLMEngine(engine)
         async_engine.start()
-        ticks = 0
 
         async def ticker():
-            nonlocal ticks
             while True:
                 await asyncio.sleep(0.005)
-                ticks += 1
+                loop_ran.set()
 
         ticking = asyncio.create_task(ticker())
         try:
-            [d async for d in async_engine.generate([request("a", 10)])]
+            [d async for d in async_engine.generate([request("a", 3)])]
         finally:
             ticking.cancel()
             await async_engine.shutdown()
-        return ticks
 
-    # 10 steps of >= 50 ms: a blocked loop would tick about once per step.
-    assert asyncio.run(scenario()) > 30
+    asyncio.run(scenario())
+    assert steps_that_saw_the_loop_run and all(steps_that_saw_the_loop_run), steps_that_saw_the_loop_run
 
 
 def test_a_failing_step_kills_the_engine_and_the_server_answers_503(engine, monkeypatch):
