@@ -74,6 +74,11 @@ class ServerProcess:
             self._log.close()
 
 
+def usage_counts(usage) -> tuple[int, int, int]:
+    """A usage's token counts (its cached_tokens depend on what earlier requests left in the cache)."""
+    return usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
+
+
 def metric_value(metrics_text: str, name: str, **labels: str) -> float:
     """The value of one sample in Prometheus text format (0 when absent)."""
     for line in metrics_text.splitlines():

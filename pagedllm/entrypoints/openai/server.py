@@ -31,7 +31,9 @@ from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCom
                                                   CompletionResponse, DetokenizeRequest, DetokenizeResponse,
                                                   ErrorInfo, ErrorResponse, ModelList, TokenizeRequest,
                                                   TokenizeResponse, VersionResponse)
+from pagedllm.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from pagedllm.entrypoints.openai.serving import ApiError, OpenAIServing
+from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from pagedllm.metrics import EngineMetrics
 
 logger = logging.getLogger(__name__)
@@ -192,13 +194,17 @@ class _Server(uvicorn.Server):
 
 
 def run_server(args: argparse.Namespace) -> int:
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of "
+                         f"{', '.join(sorted(TOOL_PARSERS))})")
     chat_template = load_chat_template(args.chat_template)
     limits = limits_from_args(args)
     allowed_origins = [origin.strip() for origin in (args.allowed_origins or "").split(",") if origin.strip()]
     engine = LLMEngine.from_args(**engine_kwargs(args))
     model_name = args.served_model_name or args.model or DEFAULT_MODEL_ALIAS
     metrics = EngineMetrics(model_name)
-    serving = OpenAIServing(AsyncLLMEngine(engine, metrics.observe), model_name, chat_template, limits)
+    serving = OpenAIServing(AsyncLLMEngine(engine, metrics.observe), model_name, chat_template, limits,
+                            args.tool_call_parser, args.reasoning_parser)
     app = build_app(serving, metrics, args.api_key, allowed_origins)
     config, core = engine.config, engine.engine_core
     logger.info("serving %s (%s, %s, max_model_len %d); KV pool: %d blocks x %d = %d tokens, %.3f GiB; "
@@ -230,5 +236,13 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="Jinja chat template, or a file holding it (default: the tokenizer's)")
     group.add_argument("--allowed-origins", default=None,
                        help="comma-separated origins allowed by CORS, or '*' (default: none, CORS off)")
+    group.add_argument("--tool-call-parser", default=None, choices=sorted(set(TOOL_PARSERS) - {"required"}),
+                       help="how to find tool calls in the model's text for tool_choice 'auto' (hermes: "
+                            "<tool_call> JSON as Qwen2.5/Qwen3 and Hermes write it; llama3_json: Llama 3.x JSON). "
+                            "Without it, 'auto' is refused; 'required' and named tool choices work regardless")
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="accepted for vLLM compatibility: --tool-call-parser enables tool_choice 'auto'")
+    group.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                       help="split the model's <think> block into reasoning_content (qwen3, deepseek_r1)")
     add_limit_args(parser)
     parser.set_defaults(func=run_server)

@@ -8,16 +8,21 @@ the others fold them into one final output per prompt.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
 import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
+from typing import Any
 
 import jinja2
 from pydantic import BaseModel
 
 from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineRequest
+from pagedllm.engine.input_processor import validate_cache_salt
 from pagedllm.entrypoints.openai.limits import ServerLimits
 from pagedllm.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                                   ChatCompletionResponse, ChatLogprob, ChatLogprobs,
@@ -25,10 +30,13 @@ from pagedllm.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChun
                                                   ChatStreamChoice, CompletionChoice, CompletionLogprobs,
                                                   CompletionRequest, CompletionResponse, DeltaMessage,
                                                   DetokenizeRequest, DetokenizeResponse, ErrorInfo, ErrorResponse,
-                                                  ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
-                                                  UsageInfo)
+                                                  ModelCard, ModelList, PromptLogprob, TokenizeRequest,
+                                                  TokenizeResponse, UsageInfo)
+from pagedllm.entrypoints.openai.tool_use import ChoiceParser, ToolUse, join_deltas, template_messages
 from pagedllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
 
 # JSON has no -inf; OpenAI-compatible servers clamp to this.
 MIN_LOGPROB = -9999.0
@@ -82,6 +90,16 @@ def _merge(final: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
     return final
 
 
+# Template arguments the server sets itself (or that would break rendering).
+_RESERVED_TEMPLATE_ARGS = {"messages", "conversation", "chat_template", "add_generation_prompt", "tokenize",
+                           "tools", "documents", "continue_final_message"}
+
+
+def _chat_finish_reason(finish_reason: str | None, tools_called: bool) -> str | None:
+    """A choice that ended normally after calling tools finished with "tool_calls"."""
+    return "tool_calls" if finish_reason == "stop" and tools_called else finish_reason
+
+
 def _engine_error(error: EngineDeadError | ValueError) -> ApiError:
     """What to answer when the engine fails a request: 503 if it died, else 400."""
     if isinstance(error, EngineDeadError):
@@ -89,13 +107,26 @@ def _engine_error(error: EngineDeadError | ValueError) -> ApiError:
     return bad_request(error)
 
 
+_warned_fields: set[str] = set()
+
+
+def _warn_ignored_fields(request: BaseModel) -> None:
+    """Fields no request model knows change nothing here: accepted, logged once each."""
+    for name in (request.model_extra or {}):
+        if name not in _warned_fields:
+            _warned_fields.add(name)
+            logger.warning("ignoring the request field %r: pagedllm does not know it (logged once)", name)
+
+
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None,
-                 limits: ServerLimits) -> None:
+                 limits: ServerLimits, tool_parser: str | None = None, reasoning_parser: str | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
         self.chat_template = chat_template
         self.limits = limits
+        self.tool_parser = tool_parser
+        self.reasoning_parser = reasoning_parser
         self.processor = engine.engine.input_processor
         self.tokenizer = engine.engine.tokenizer
         self.created = int(time.time())
@@ -128,14 +159,20 @@ class OpenAIServing:
 
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
         self._admit(request.model)
+        self._check_request(request)
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         self._check_limits(request.n, request.logprobs, "logprobs")
         try:
             prompts = self._completion_prompts(request.prompt)
             # Echoing logprobs needs the prompt tokens' logprobs too.
             prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
-            params = request.sampling_params(request.max_tokens, request.logprobs, prompt_logprobs)
-            requests = self._engine_requests(response_id, prompts, params)
+            if request.prompt_logprobs is not None:
+                prompt_logprobs = max(prompt_logprobs or 0, request.prompt_logprobs)
+            constraint = request.structured_outputs_params()
+            await self._compile(constraint)
+            params = request.sampling_params(request.max_tokens, request.logprobs, prompt_logprobs,
+                                             self.processor.default_sampling, constraint)
+            requests = self._engine_requests(response_id, prompts, params, request.cache_salt)
         except ValueError as error:
             raise bad_request(error, request) from None
 
@@ -157,7 +194,11 @@ class OpenAIServing:
         finals = await self._generate_all(requests)
         choices = [self._completion_choice(request, requests[i], final, sample, i, {})
                    for i, final in enumerate(finals) for sample in sorted(final.outputs, key=lambda s: s.index)]
-        return chunk(choices, self._usage(requests, sum(f.num_generated_tokens for f in finals)))
+        if request.prompt_logprobs is not None:
+            for choice in choices:
+                choice.prompt_logprobs = self._prompt_logprobs(finals[choice.index // request.n],
+                                                               request.prompt_logprobs)
+        return chunk(choices, self._usage(requests, finals))
 
     def _completion_prompts(self, prompt: str | list) -> list[tuple[str | None, list[int]]]:
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
@@ -201,6 +242,7 @@ class OpenAIServing:
     async def create_chat_completion(self, request: ChatCompletionRequest
                                      ) -> ChatCompletionResponse | AsyncIterator[str]:
         self._admit(request.model)
+        self._check_request(request)
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self._check_limits(request.n, request.top_logprobs, "top_logprobs")
         try:
@@ -208,11 +250,23 @@ class OpenAIServing:
                 raise ValueError("top_logprobs needs logprobs set to true")
             num_top = (request.top_logprobs or 0) if request.logprobs else None
             max_tokens = request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens
-            params = request.sampling_params(max_tokens, num_top)
-            prompt = self._chat_prompt(request.messages, request.add_generation_prompt)
-            requests = self._engine_requests(response_id, [prompt], params)
+            tool_use = ToolUse.of(request, self.tool_parser)
+            constraint = request.structured_outputs_params()
+            if constraint is not None and tool_use.constraint is not None:
+                raise ValueError("tool_choice: a required or named tool choice cannot be combined with "
+                                 "response_format or structured_outputs")
+            constraint = constraint or tool_use.constraint
+            await self._compile(constraint)
+            params = request.sampling_params(max_tokens, num_top, request.prompt_logprobs,
+                                             self.processor.default_sampling, constraint)
+            prompt = self._chat_prompt(request.messages, request.add_generation_prompt,
+                                       self._template_kwargs(request, tool_use))
+            requests = self._engine_requests(response_id, [prompt], params, request.cache_salt)
         except ValueError as error:
             raise bad_request(error, request) from None
+
+        def choice_parser() -> ChoiceParser:
+            return ChoiceParser(tool_use, self.tool_parser, self.reasoning_parser, request.include_reasoning)
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=response_id, created=created, model=self.model_name, choices=choices,
@@ -222,36 +276,69 @@ class OpenAIServing:
             # As OpenAI: each choice opens with a delta that carries only the role.
             opening = [chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
                        for i in range(request.n)]
+            parsers = [choice_parser() for _ in range(request.n)]
 
             def to_chunks(delta: RequestOutput) -> Iterable[ChatCompletionChunk]:
                 for sample in delta.outputs:
+                    parser = parsers[sample.index]
+                    message = parser.stream(sample.text) if sample.text else None
+                    if sample.finish_reason is not None:
+                        message = join_deltas([message, parser.finish()])
+                    logprobs = self._chat_logprobs(sample, num_top)
+                    if message is None and sample.finish_reason is None and not logprobs:
+                        continue  # the parsers hold the text back (a tag may be starting)
                     yield chunk([ChatStreamChoice(
-                        index=sample.index, delta=DeltaMessage(content=sample.text),
-                        logprobs=self._chat_logprobs(sample, num_top), finish_reason=sample.finish_reason,
+                        index=sample.index, delta=message or DeltaMessage(), logprobs=logprobs,
+                        finish_reason=_chat_finish_reason(sample.finish_reason, parser.tools_called),
                         stop_reason=sample.stop_reason)])
 
             usage_chunk = (lambda usage: chunk([], usage)) if request.include_usage else None
             return self._stream(requests, await self._start(requests), to_chunks, usage_chunk, opening)
         finals = await self._generate_all(requests)
-        choices = [ChatChoice(index=sample.index, message=ChatResponseMessage(content=sample.text),
-                              logprobs=self._chat_logprobs(sample, num_top), finish_reason=sample.finish_reason,
-                              stop_reason=sample.stop_reason)
-                   for sample in sorted(finals[0].outputs, key=lambda s: s.index)]
+        choices = []
+        for sample in sorted(finals[0].outputs, key=lambda s: s.index):
+            parsed = choice_parser().parse(sample.text)
+            message = ChatResponseMessage(content=parsed.content, reasoning_content=parsed.reasoning_content,
+                                          tool_calls=parsed.tool_calls)
+            choices.append(ChatChoice(index=sample.index, message=message,
+                                      logprobs=self._chat_logprobs(sample, num_top),
+                                      finish_reason=_chat_finish_reason(sample.finish_reason, bool(parsed.tool_calls)),
+                                      stop_reason=sample.stop_reason))
+        prompt_logprobs = (None if request.prompt_logprobs is None
+                           else self._prompt_logprobs(finals[0], request.prompt_logprobs))
         return ChatCompletionResponse(id=response_id, created=created, model=self.model_name, choices=choices,
-                                      usage=self._usage(requests, sum(f.num_generated_tokens for f in finals)))
+                                      usage=self._usage(requests, finals), prompt_logprobs=prompt_logprobs)
 
-    def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> tuple[str, list[int]]:
+    def _template_kwargs(self, request: ChatCompletionRequest, tool_use: ToolUse) -> dict[str, Any]:
+        """What the chat template gets besides the messages. Raises ValueError."""
+        if request.continue_final_message and request.add_generation_prompt:
+            raise ValueError("continue_final_message: set add_generation_prompt to false to continue the final "
+                             "message")
+        ours = dict(tools=tool_use.template_tools, documents=request.documents,
+                    continue_final_message=request.continue_final_message or None)
+        ours = {key: value for key, value in ours.items() if value is not None}
+        extra = request.chat_template_kwargs or {}
+        clashes = sorted(set(extra) & (set(ours) | _RESERVED_TEMPLATE_ARGS))
+        if clashes:
+            raise ValueError(f"chat_template_kwargs: {clashes[0]!r} cannot be set here; use the request field")
+        return {**extra, **ours}
+
+    def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                     template_kwargs: dict[str, Any] | None = None) -> tuple[str, list[int]]:
         """Messages through the chat template -> (text, token ids). Raises ValueError."""
         conversation = []
         for message in messages:
             entry = message.model_dump(exclude_none=True)
+            # An assistant turn that only called tools has content null; templates read it.
+            entry.setdefault("content", "")
             if isinstance(message.content, list):
                 if any(part.type != "text" or part.text is None for part in message.content):
                     raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
                 entry["content"] = "\n".join(part.text for part in message.content)
             conversation.append(entry)
         try:
-            text = self.processor.apply_chat_template(conversation, self.chat_template, add_generation_prompt)
+            text = self.processor.apply_chat_template(template_messages(conversation), self.chat_template,
+                                                      add_generation_prompt, **(template_kwargs or {}))
         except (jinja2.TemplateError, TypeError) as error:
             # Templates reject conversations they cannot render (roles out of order, ...).
             raise ValueError(f"the chat template failed on these messages: {error}") from None
@@ -271,7 +358,38 @@ class OpenAIServing:
         token = self._token_text(token_id, logprob)
         return ChatLogprob(token=token, logprob=_finite(logprob.logprob), bytes=list(token.encode()))
 
+    def _prompt_logprobs(self, output: RequestOutput, num_top: int) -> list[dict[str, PromptLogprob] | None]:
+        """vLLM's prompt_logprobs: per prompt position, None for the first, else token id ->
+        logprob, rank and text of the prompt's token and the num_top most likely ones."""
+        result = []
+        for position in output.prompt_logprobs or []:
+            if position is None:
+                result.append(None)
+                continue
+            prompt_token = next(iter(position))  # the position's own token comes first, then the top ones
+            result.append({str(token_id): PromptLogprob(logprob=_finite(logprob.logprob), rank=logprob.rank,
+                                                        decoded_token=self._token_text(token_id, logprob))
+                           for token_id, logprob in position.items()
+                           if token_id == prompt_token or logprob.rank <= num_top})
+        return result
+
     # ---- shared -------------------------------------------------------------------------------
+
+    def _check_request(self, request: CompletionRequest | ChatCompletionRequest) -> None:
+        """400 for a field set to what pagedllm cannot honour; unknown fields logged."""
+        for name, why in request.unsupported_fields():
+            raise ApiError(400, f"{name}: {why}", param=name)
+        if request.stream and request.prompt_logprobs is not None:
+            raise ApiError(400, "prompt_logprobs: not available when streaming", param="prompt_logprobs")
+        if request.prompt_logprobs is not None:
+            self._check_limits(1, request.prompt_logprobs, "prompt_logprobs")
+        _warn_ignored_fields(request)
+
+    async def _compile(self, constraint: StructuredOutputsParams | None) -> None:
+        """Compile (or find in the cache) the request's grammar in a worker thread, so
+        that neither the event loop nor the engine waits for it. Raises ValueError."""
+        if constraint is not None:
+            await asyncio.to_thread(self.processor.grammar_compiler.compile, constraint)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -299,7 +417,7 @@ class OpenAIServing:
                                 f"server (--max-logprobs), got {logprobs}", param=logprobs_field)
 
     def _engine_requests(self, response_id: str, prompts: list[tuple[str | None, list[int]]],
-                         params: SamplingParams) -> list[EngineRequest]:
+                         params: SamplingParams, cache_salt: str | None = None) -> list[EngineRequest]:
         """Validate every prompt (ValueError in vLLM's words) before any is queued."""
         arrival_time = time.monotonic()
         max_prompt_tokens = self.limits.max_prompt_tokens
@@ -307,8 +425,19 @@ class OpenAIServing:
             if max_prompt_tokens is not None and len(token_ids) > max_prompt_tokens:
                 raise ValueError(f"prompt has {len(token_ids)} tokens, more than this server's limit of "
                                  f"{max_prompt_tokens} (--max-prompt-tokens)")
-        return [EngineRequest(f"{response_id}-{i}", text, *self.processor.validate(token_ids, params), arrival_time)
+        return [EngineRequest(f"{response_id}-{i}", text, *self.processor.validate(
+                    token_ids, self._default_max_tokens(params, len(token_ids))), arrival_time,
+                    cache_salt=validate_cache_salt(cache_salt))
                 for i, (text, token_ids) in enumerate(prompts)]
+
+    def _default_max_tokens(self, params: SamplingParams, num_prompt_tokens: int) -> SamplingParams:
+        """Without max_tokens, the model's generation_config max_new_tokens applies, as far
+        as the context leaves room (vLLM's rule)."""
+        default = self.processor.default_sampling.get("max_tokens")
+        if params.max_tokens is not None or default is None:
+            return params
+        room = self.processor.max_model_len - num_prompt_tokens
+        return dataclasses.replace(params, max_tokens=max(1, min(default, room)))
 
     def _token_text(self, token_id: int, logprob: Logprob | None) -> str:
         if logprob is not None and logprob.decoded_token is not None:
@@ -316,8 +445,12 @@ class OpenAIServing:
         return self.tokenizer.decode([token_id])
 
     @staticmethod
-    def _usage(requests: list[EngineRequest], num_generated: int) -> UsageInfo:
-        return UsageInfo.of(sum(len(r.prompt_token_ids) for r in requests), num_generated)
+    def _usage(requests: list[EngineRequest], outputs: list[RequestOutput]) -> UsageInfo:
+        """Token counts over the request's prompts; `outputs` holds each prompt's latest
+        output (for a stream, the latest delta: its counts are totals)."""
+        return UsageInfo.of(sum(len(r.prompt_token_ids) for r in requests),
+                            sum(output.num_generated_tokens for output in outputs),
+                            sum(output.num_cached_tokens for output in outputs))
 
     async def _generate_all(self, requests: list[EngineRequest]) -> list[RequestOutput]:
         """Run to the end; the final output of each request, in request order."""
@@ -348,18 +481,18 @@ class OpenAIServing:
                       opening: Iterable[BaseModel] = ()) -> AsyncIterator[str]:
         """SSE lines as OpenAI sends them; errors after the start become an error event."""
         deltas, delta = started
-        num_generated: dict[str, int] = {}
+        latest: dict[str, RequestOutput] = {}
         try:
             async with aclosing(deltas):  # leaving early (client gone) aborts the requests
                 for chunk in opening:
                     yield _sse(chunk)
                 while delta is not None:
-                    num_generated[delta.request_id] = delta.num_generated_tokens
+                    latest[delta.request_id] = delta
                     for chunk in to_chunks(delta):
                         yield _sse(chunk)
                     delta = await anext(deltas, None)
             if usage_chunk is not None:
-                yield _sse(usage_chunk(self._usage(requests, sum(num_generated.values()))))
+                yield _sse(usage_chunk(self._usage(requests, list(latest.values()))))
         except (EngineDeadError, ValueError) as error:
             yield _sse(ErrorResponse(error=_engine_error(error).info))
         yield "data: [DONE]\n\n"
