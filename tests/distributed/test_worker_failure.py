@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 
 import psutil
@@ -69,10 +70,23 @@ def test_killed_worker_raises_a_clear_error_and_leaves_nothing(tiny_checkpoints,
     assert_same_outputs(greedy_outputs(bystander_llm), bystander_outputs)
 
 
-def test_killed_sampling_rank_fails_the_servers_requests(tiny_checkpoints):
+def test_killed_sampling_rank_fails_the_servers_requests(tiny_checkpoints, monkeypatch):
     children_before = child_pids()
     llm = LLM(tiny_checkpoints[MODEL], tensor_parallel_size=2, **ENGINE_ARGS)
     pids = _worker_pids(llm)
+    killed = threading.Event()
+    real_step = llm.llm_engine.step
+    num_steps = []
+
+    def one_step_then_wait_for_the_kill():
+        # The request gets its first token, then the engine waits for the kill: however fast the machine, it
+        # cannot finish first (the wait is bounded so that a failing test still ends).
+        if num_steps:
+            killed.wait(timeout=30)
+        num_steps.append(1)
+        return real_step()
+
+    monkeypatch.setattr(llm.llm_engine, "step", one_step_then_wait_for_the_kill)
 
     async def scenario() -> None:
         async_engine = AsyncLLMEngine(llm.llm_engine)
@@ -81,12 +95,14 @@ def test_killed_sampling_rank_fails_the_servers_requests(tiny_checkpoints):
             stream = async_engine.generate([EngineRequest("r", None, [5, 6, 7], LONG, time.monotonic())])
             await anext(stream)
             os.kill(pids[0], signal.SIGKILL)  # rank 0 is the one that samples
+            killed.set()
             with pytest.raises(EngineDeadError):
                 async with asyncio.timeout(ERROR_WITHIN_S):
                     async for _ in stream:
                         pass
             assert not async_engine.is_healthy  # what /health reports as 503
         finally:
+            killed.set()
             await async_engine.shutdown()
 
     asyncio.run(scenario())
