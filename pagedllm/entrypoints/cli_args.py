@@ -37,6 +37,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                        help="turn off prefix caching")
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--generation-config", default="auto",
+                       help="default sampling parameters (temperature, top_p, top_k, min_p, repetition_penalty, "
+                            "max_new_tokens): auto = the model folder's generation_config.json, vllm = none "
+                            "(pagedllm's own defaults), or a folder holding a generation_config.json; a "
+                            "request's own fields override them")
     group.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
                        help="split the model across this many worker processes (one rank each)")
     group.add_argument("--distributed-executor-backend", default="mp", choices=("mp", "ray"),
@@ -53,4 +58,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=args.enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
                 tensor_parallel_size=args.tensor_parallel_size,
-                distributed_executor_backend=args.distributed_executor_backend)
+                distributed_executor_backend=args.distributed_executor_backend,
+                generation_config=args.generation_config)

@@ -100,7 +100,10 @@ class GrammarCompiler:
 
     def compile(self, spec: StructuredOutputsParams) -> CompiledGrammar:
         """Raises ValueError naming what is wrong with the spec."""
-        key = _spec_key(spec)
+        try:
+            key = _spec_key(spec)
+        except RecursionError:
+            raise ValueError("structured_outputs.json is nested too deeply") from None
         with self._lock:
             compiled = self._cache.get(key)
             if compiled is not None:
