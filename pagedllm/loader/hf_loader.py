@@ -28,6 +28,19 @@ def checkpoint_files(folder: str) -> list[str]:
                      "model.safetensors.index.json) and pytorch_model*.bin")
 
 
+def checkpoint_has_tensor(folder: str, name: str) -> bool:
+    """Whether the checkpoint holds a tensor called `name`, from the safetensors headers
+    (a .bin file is memory-mapped, not read)."""
+    for path in checkpoint_files(folder):
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                if name in f.keys():
+                    return True
+        elif name in torch.load(path, map_location="cpu", weights_only=True, mmap=True):
+            return True
+    return False
+
+
 def iter_hf_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of the checkpoint; safetensors are read
     lazily, so only one tensor is materialized at a time."""

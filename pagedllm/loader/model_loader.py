@@ -9,6 +9,7 @@ from torch import nn
 
 from pagedllm.config import ModelConfig
 from pagedllm.models.registry import get_model_class
+from pagedllm.models.utils import config_with
 
 
 def iter_checkpoint(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -29,11 +30,20 @@ def load_model(model_config: ModelConfig) -> nn.Module:
     """Construct directly in the target dtype and device (no float32 copy of the
     whole model first), then stream the checkpoint into it."""
     model_class = get_model_class(model_config.architecture)
+    hf_config = model_config.hf_config
+    # A family whose checkpoints often omit both lm_head.weight and the tie key runs a head
+    # it does not ship tied (a GGUF config already says whether output.weight is there).
+    if (getattr(model_class, "tie_without_lm_head", False) and not hf_config.tie_word_embeddings
+            and not model_config.is_gguf):
+        from pagedllm.loader.hf_loader import checkpoint_has_tensor
+
+        if not checkpoint_has_tensor(model_config.path, "lm_head.weight"):
+            hf_config = config_with(hf_config, tie_word_embeddings=True)
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch_dtype(model_config.dtype))
     try:
         with torch.device(model_config.device):
-            model = model_class(model_config.hf_config)
+            model = model_class(hf_config)
     finally:
         torch.set_default_dtype(previous_dtype)
     model.load_weights(iter_checkpoint(model_config))

@@ -2,7 +2,8 @@
 
 Both: GeGLU MLP (tanh-approximated GELU), RMSNorm scaling by (1 + weight),
 token embeddings multiplied by sqrt(hidden_size) rounded to the model dtype,
-LM head tied to the embedding. Gemma 2 adds a norm after attention and around
+LM head tied to the embedding (unless the config unties it and the checkpoint
+ships lm_head.weight). Gemma 2 adds a norm after attention and around
 the MLP, soft-caps attention scores and final logits (cap * tanh(x / cap)),
 scales queries by query_pre_attn_scalar^-0.5 and alternates sliding-window
 (even) and global (odd) layers.
@@ -19,7 +20,7 @@ from torch import nn
 from pagedllm.layers.activation import GeluAndMul
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
-from pagedllm.models.utils import config_with, layer_sliding_window
+from pagedllm.models.utils import layer_sliding_window
 
 # transformers' activation name -> torch's GELU approximation
 _GELU_APPROXIMATIONS = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
@@ -70,17 +71,16 @@ def gemma2_layer(config: SimpleNamespace, layer_index: int) -> Gemma2DecoderLaye
 
 class GemmaForCausalLM(LlamaForCausalLM):
     make_layer = staticmethod(gemma_layer)
+    # Gemma checkpoints usually store no lm_head.weight and no tie_word_embeddings key (which
+    # transformers' Gemma configs default to true): load_model ties a head the checkpoint lacks.
+    tie_without_lm_head = True
 
     def __init__(self, config: SimpleNamespace) -> None:
-        # Gemma checkpoints store no lm_head (and often no tie_word_embeddings key).
-        super().__init__(config_with(config, tie_word_embeddings=True))
+        super().__init__(config)
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.weight_offset = 1.0
         self.model.embed_tokens.register_forward_hook(_scale_embeddings)
-
-    def checkpoint_name(self, name: str) -> str | None:
-        return None if name == "lm_head.weight" else super().checkpoint_name(name)
 
 
 def _scale_embeddings(module: nn.Module, args, embeddings: torch.Tensor) -> torch.Tensor:
