@@ -139,6 +139,8 @@ class ModelConfig:
     # Sampling defaults from generation_config.json (load_default_sampling): only the keys it
     # sets, by SamplingParams field name.
     default_sampling: dict[str, Any] = field(default_factory=dict)
+    # vLLM's skip_tokenizer_init: load no tokenizer; prompts are token ids, outputs have no text.
+    skip_tokenizer_init: bool = False
 
     @property
     def architecture(self) -> str:
@@ -158,7 +160,8 @@ class ModelConfig:
 
     @staticmethod
     def create(model: str | None, dtype: str = "auto", device: str = "auto",
-               max_model_len: int | None = None, seed: int = 0, generation_config: str = "auto") -> ModelConfig:
+               max_model_len: int | None = None, seed: int = 0, generation_config: str = "auto",
+               skip_tokenizer_init: bool = False) -> ModelConfig:
         path = resolve_model_path(model)
         is_gguf = path.endswith(".gguf")
         if is_gguf:
@@ -181,7 +184,8 @@ class ModelConfig:
         if default_sampling:
             logger.info("default sampling parameters from the model's generation_config.json: %s "
                         "(generation_config='vllm' ignores them)", default_sampling)
-        return ModelConfig(path, is_gguf, hf_config, resolved_dtype, device, max_model_len, seed, default_sampling)
+        return ModelConfig(path, is_gguf, hf_config, resolved_dtype, device, max_model_len, seed, default_sampling,
+                           bool(skip_tokenizer_init))
 
 
 def _resolve_device(device: str) -> str:
@@ -298,10 +302,15 @@ class EngineConfig:
                num_kv_blocks: int | None = None, block_size: int = 16, max_num_seqs: int = 256,
                max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1,
-               distributed_executor_backend: str = "mp", generation_config: str = "auto") -> EngineConfig:
+               distributed_executor_backend: str = "mp", generation_config: str = "auto",
+               skip_tokenizer_init: bool = False) -> EngineConfig:
         """generation_config: where default sampling parameters come from (auto: the
-        model's generation_config.json; vllm: none; or a folder holding one)."""
-        model_config = ModelConfig.create(model, dtype, device, max_model_len, seed, generation_config)
+        model's generation_config.json; vllm: none; or a folder holding one).
+        skip_tokenizer_init: load no tokenizer (a model folder may ship none): prompts must be
+        token ids, outputs carry token ids and no text; stop strings, bad_words, structured
+        outputs and chat are refused."""
+        model_config = ModelConfig.create(model, dtype, device, max_model_len, seed, generation_config,
+                                          skip_tokenizer_init)
         cache = CacheConfig(block_size, parse_memory_size(kv_cache_memory), num_kv_blocks, enable_prefix_caching,
                             kv_cache_dtype)
         if max_num_batched_tokens is None:

@@ -25,14 +25,30 @@ def validate_cache_salt(cache_salt: Any) -> str | None:
 
 
 def load_tokenizer(model_config: ModelConfig):
-    """The model's Hugging Face tokenizer (for GGUF: rebuilt from its metadata)."""
+    """The model's Hugging Face tokenizer (for GGUF: rebuilt from its metadata); None with
+    skip_tokenizer_init. A folder without tokenizer files is a ValueError naming them."""
+    if model_config.skip_tokenizer_init:
+        return None
     if model_config.is_gguf:
         from pagedllm.loader.gguf_loader import load_gguf_tokenizer
 
         return load_gguf_tokenizer(model_config.path)
-    from pagedllm.loader.tokenizer import load_tokenizer_folder
+    from pagedllm.loader.tokenizer import TOKENIZER_FILES, load_tokenizer_folder
 
-    return load_tokenizer_folder(model_config.path)
+    try:
+        return load_tokenizer_folder(model_config.path)
+    except (OSError, ValueError):
+        if any(os.path.isfile(os.path.join(model_config.path, name)) for name in TOKENIZER_FILES):
+            raise
+    # transformers' own error for a folder without a tokenizer speaks of slow tokenizer classes.
+    raise ValueError(f"{model_config.path} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there. "
+                     "To run prompts given as token ids without one, pass skip_tokenizer_init=True "
+                     "(--skip-tokenizer-init)")
+
+
+def _no_tokenizer(what: str, advice: str = "") -> ValueError:
+    return ValueError(f"{what} needs a tokenizer, and this engine loads none (skip_tokenizer_init=True, "
+                      f"--skip-tokenizer-init){advice}")
 
 
 def eos_token_ids(model_config: ModelConfig, tokenizer) -> tuple[int, ...]:
@@ -62,10 +78,12 @@ class InputProcessor:
         # it sets; a request's own fields override them.
         self.default_sampling: dict[str, Any] = dict(model_config.default_sampling)
 
-    def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
-        """-> (prompt text or None, token ids)."""
+    def tokenize(self, prompt: PromptInput | list[int]) -> tuple[str | None, list[int]]:
+        """-> (prompt text or None, token ids). A list is the prompt's token ids."""
         if isinstance(prompt, str):
-            return prompt, self.tokenizer(prompt).input_ids
+            return prompt, self._encode(prompt)
+        if isinstance(prompt, list):
+            prompt = {"prompt_token_ids": prompt}
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             token_ids = prompt["prompt_token_ids"]
             if not isinstance(token_ids, (list, tuple)) or not all(
@@ -73,9 +91,15 @@ class InputProcessor:
                 raise ValueError("prompt_token_ids must be a list of integers")
             return prompt.get("prompt"), list(token_ids)
         if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
-            return prompt["prompt"], self.tokenizer(prompt["prompt"]).input_ids
-        raise ValueError("a prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', "
-                         f"got {type(prompt).__name__}")
+            return prompt["prompt"], self._encode(prompt["prompt"])
+        raise ValueError("a prompt must be a string, a list of token ids, or a dict with 'prompt' or "
+                         f"'prompt_token_ids', got {type(prompt).__name__}")
+
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise _no_tokenizer("a text prompt", ": give the prompt as token ids ({'prompt_token_ids': [...]} "
+                                "or a list of ints)")
+        return self.tokenizer(text).input_ids
 
     @staticmethod
     def cache_salt(prompt: PromptInput) -> str | None:
@@ -84,6 +108,8 @@ class InputProcessor:
 
     def apply_chat_template(self, messages: list[dict], chat_template: str | None = None,
                             add_generation_prompt: bool = True, **template_kwargs) -> str:
+        if self.tokenizer is None:
+            raise _no_tokenizer("chat")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         for message in messages:
@@ -120,6 +146,12 @@ class InputProcessor:
                              f"{max_tokens} for the completion). Please reduce the length of the prompt "
                              f"or max_tokens.")
         self._check_token_ids(params)
+        if self.tokenizer is None:
+            # Each of these reads the text the tokens spell.
+            for name, value in (("stop", params.stop), ("bad_words", params.bad_words),
+                                ("structured_outputs", params.structured_outputs)):
+                if value:
+                    raise _no_tokenizer(name)
         if params.structured_outputs is not None:
             self.grammar_compiler.compile(params.structured_outputs)  # a cache hit once compiled
         # A top_k past the vocabulary keeps every token, as top_k=0 does (and fits an int64 tensor).

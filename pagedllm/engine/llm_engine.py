@@ -20,7 +20,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         started = time.monotonic()
         self.config = config
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = load_tokenizer(config.model)  # None with skip_tokenizer_init
         self.input_processor = InputProcessor(config.model, self.tokenizer)
         self.engine_core = EngineCore(config)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -187,7 +187,8 @@ class OutputProcessor:
         return True
 
     def _position_logprobs(self, entry: TokenLogprobs) -> PositionLogprobs:
-        return {token_id: Logprob(value, rank, self.tokenizer.decode([token_id]))
+        # Without a tokenizer (skip_tokenizer_init) a logprob carries no token text.
+        return {token_id: Logprob(value, rank, None if self.tokenizer is None else self.tokenizer.decode([token_id]))
                 for token_id, value, rank in zip(entry.token_ids, entry.logprobs, entry.ranks)}
 
     def _add_prompt_logprobs(self, parent: ParentState, out: EngineCoreOutput) -> None:

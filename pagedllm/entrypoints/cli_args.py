@@ -42,6 +42,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "max_new_tokens): auto = the model folder's generation_config.json, vllm = none "
                             "(pagedllm's own defaults), or a folder holding a generation_config.json; a "
                             "request's own fields override them")
+    group.add_argument("--skip-tokenizer-init", action="store_true",
+                       help="load no tokenizer (for a model folder without one): prompts must be token ids, "
+                            "outputs carry token ids and no text; stop strings, bad_words, structured outputs "
+                            "and chat are refused. For bench throughput (serve refuses it; generate's prompt is text)")
     group.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
                        help="split the model across this many worker processes (one rank each)")
     group.add_argument("--distributed-executor-backend", default="mp", choices=("mp", "ray"),
@@ -59,4 +63,4 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 enable_prefix_caching=args.enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
                 tensor_parallel_size=args.tensor_parallel_size,
                 distributed_executor_backend=args.distributed_executor_backend,
-                generation_config=args.generation_config)
+                generation_config=args.generation_config, skip_tokenizer_init=args.skip_tokenizer_init)

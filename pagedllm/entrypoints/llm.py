@@ -28,6 +28,8 @@ class LLM:
     generation_config: auto (the model's generation_config.json sets the default
         sampling parameters: get_default_sampling_params) | vllm (ignore it) | a
         folder holding a generation_config.json.
+    skip_tokenizer_init: load no tokenizer (for a folder without one): prompts must
+        be token ids, outputs have token_ids and empty text.
     Other arguments: see EngineConfig.create.
     """
 
@@ -44,6 +46,7 @@ class LLM:
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
+        """The tokenizer; None with skip_tokenizer_init."""
         return self.llm_engine.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
@@ -52,14 +55,16 @@ class LLM:
         use when given no sampling_params."""
         return SamplingParams(**self.llm_engine.input_processor.default_sampling)
 
-    def generate(self, prompts: PromptInput | Sequence[PromptInput],
+    def generate(self, prompts: PromptInput | list[int] | Sequence[PromptInput | list[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Outputs in the order of `prompts`: text, {"prompt": text} or
-        {"prompt_token_ids": [...]}, a dict optionally with "cache_salt" (only prompts
-        with the same salt share prefix-cache blocks). Every prompt is validated before
-        any is queued, so a bad one raises without leaving others half-run."""
-        if isinstance(prompts, (str, dict)):
+        """Outputs in the order of `prompts`: text, a list of token ids, {"prompt": text}
+        or {"prompt_token_ids": [...]}, a dict optionally with "cache_salt" (only prompts
+        with the same salt share prefix-cache blocks); a list of ints is one prompt. Every
+        prompt is validated before any is queued, so a bad one raises without leaving
+        others half-run."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                 and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         params_list = self._params_list(sampling_params, len(prompts))

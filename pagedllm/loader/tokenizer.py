@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 # transformers 5 names the generic class TokenizersBackend; 4.x wrote PreTrainedTokenizerFast
 # (an alias of it in 5.x).
 _GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+# A folder holds a tokenizer only with one of these: the tokenizers library's file, or the
+# vocabulary of a slow tokenizer (SentencePiece, BPE, WordPiece, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "qwen.tiktoken", "tokenizer.tiktoken")
 
 
 def load_tokenizer_folder(folder: str) -> PreTrainedTokenizerBase:
