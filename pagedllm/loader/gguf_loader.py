@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Bump when gguf_hf_config's output changes, so configs cached by older code are not reused.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 # Dequantized weights are cached (float32 safetensors, memory-mapped on load) for
 # models up to this many bytes: re-parsing and dequantizing costs seconds per start.
 _WEIGHT_CACHE_MAX_BYTES = int(float(os.environ.get("PAGEDLLM_GGUF_WEIGHT_CACHE_GIB", "2")) * 2**30)
@@ -211,7 +211,10 @@ def _rope_scaling(
             "factor": factor,
             "original_max_position_embeddings": _field(reader, f"{arch}.rope.scaling.original_context_length"),
         }
-        for gguf_key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+        # convert_hf_to_gguf writes HF's attention_factor as yarn_attn_factor
+        for gguf_key, hf_key in (
+            ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"), ("yarn_attn_factor", "attention_factor")
+        ):
             if (value := _field(reader, f"{arch}.rope.scaling.{gguf_key}")) is not None:
                 scaling[hf_key] = value
         return scaling

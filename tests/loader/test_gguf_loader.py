@@ -160,10 +160,11 @@ def llama_cpp_llama3_factors(head_dim: int, theta: float, rope: dict) -> list[fl
     return factors
 
 
-def write_like_llama_cpp(path: str, arch: str, config, model) -> dict[str, torch.Tensor]:
+def write_like_llama_cpp(path: str, arch: str, config, model, yarn: dict = YARN_ROPE) -> dict[str, torch.Tensor]:
     """Write `model` as convert_hf_to_gguf would; return what the file holds, in HF names and layout.
 
-    token_embd is Q8_0 and one MLP weight F16, to go through real dequantization.
+    token_embd is Q8_0 and one MLP weight F16, to go through real dequantization. qwen2 has
+    the `yarn` rope scaling.
     """
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(config.num_hidden_layers)
@@ -187,8 +188,14 @@ def write_like_llama_cpp(path: str, arch: str, config, model) -> dict[str, torch
     writer.add_eos_token_id(config.eos_token_id)
     if arch == "qwen2":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(YARN_ROPE["factor"])
-        writer.add_rope_scaling_orig_ctx_len(YARN_ROPE["original_max_position_embeddings"])
+        writer.add_rope_scaling_factor(yarn["factor"])
+        writer.add_rope_scaling_orig_ctx_len(yarn["original_max_position_embeddings"])
+        if "beta_fast" in yarn:
+            writer.add_rope_scaling_yarn_beta_fast(yarn["beta_fast"])
+        if "beta_slow" in yarn:
+            writer.add_rope_scaling_yarn_beta_slow(yarn["beta_slow"])
+        if "attention_factor" in yarn:
+            writer.add_rope_scaling_yarn_attn_factor(yarn["attention_factor"])
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
@@ -229,14 +236,19 @@ def write_like_llama_cpp(path: str, arch: str, config, model) -> dict[str, torch
     return stored
 
 
-@pytest.mark.parametrize("arch", sorted(CASES))
-def test_synthetic_gguf_round_trips_to_transformers(arch, tmp_path):
-    config = CASES[arch]
+def random_model(config) -> torch.nn.Module:
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # random norms too, so that a misplaced or un-offset norm shows
         for param in model.parameters():
             param.normal_(0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_synthetic_gguf_round_trips_to_transformers(arch, tmp_path):
+    config = CASES[arch]
+    model = random_model(config)
     path = str(tmp_path / f"tiny-{arch}.gguf")
     stored = write_like_llama_cpp(path, arch, config, model)
     model.load_state_dict(stored, strict=False)  # what the file holds (Q8_0 / F16 rounding)
@@ -268,6 +280,26 @@ def test_synthetic_gguf_round_trips_to_transformers(arch, tmp_path):
     input_ids = torch.randint(0, config.vocab_size, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids).logits, model(input_ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_yarn_gguf_generates_as_transformers(tmp_path, monkeypatch):
+    """The engine serves a qwen2 GGUF with every YaRN key convert_hf_to_gguf writes as transformers
+    runs its HF config, with prompts and generations past original_max_position_embeddings (64)."""
+    from tests.models.helpers import assert_matches_reference, make_llm
+    from tests.tiny_models import save_byte_tokenizer
+
+    yarn = dict(YARN_ROPE, beta_fast=16.0, beta_slow=2.0, attention_factor=1.25)
+    config = transformers.Qwen2Config(**SMALL, tie_word_embeddings=False, rope_scaling=dict(yarn))
+    model = random_model(config)
+    path = str(tmp_path / "tiny-qwen2-yarn.gguf")
+    model.load_state_dict(write_like_llama_cpp(path, "qwen2", config, model, yarn), strict=False)
+    assert gguf_hf_config(path)["rope_scaling"] == yarn
+    # the file has no vocabulary; prompts are token ids below its vocab_size
+    tokenizer = save_byte_tokenizer(str(tmp_path / "tokenizer"))
+    monkeypatch.setattr("pagedllm.loader.gguf_loader.load_gguf_tokenizer", lambda _: tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, config.vocab_size, (n,), generator=generator).tolist() for n in (80, 9)]
+    assert_matches_reference(make_llm(path), model, prompts, num_steps=16)
 
 
 def test_unknown_architecture_is_rejected(tmp_path):
