@@ -45,6 +45,17 @@ def save_tiny_model(folder: str, model_class, config, seed: int = 0) -> torch.nn
     return model
 
 
+def save_tiny_llama(folder: str, max_model_len: int) -> torch.nn.Module:
+    """The tests' usual tiny Llama (2 layers, 4 query / 2 KV heads, BOS 0, EOS 1) with a
+    byte tokenizer, saved in `folder`; returns the HF model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_model_len,
+                         bos_token_id=0, eos_token_id=1)
+    return save_tiny_model(folder, LlamaForCausalLM, config)
+
+
 def hf_greedy(model, prompt_token_ids: list[int], max_new_tokens: int) -> list[int]:
     """transformers' greedy continuation of one prompt with EOS not special (like
     ignore_eos): a plain argmax loop over the model's own KV cache, so no

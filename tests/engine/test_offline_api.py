@@ -8,10 +8,9 @@ import math
 import os
 
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from pagedllm import LLM, SamplingParams
-from tests.tiny_models import TINY_VOCAB_SIZE, hf_greedy, save_tiny_model
+from tests.tiny_models import TINY_VOCAB_SIZE, hf_greedy, save_tiny_llama
 
 MAX_MODEL_LEN = 128
 
@@ -19,10 +18,7 @@ MAX_MODEL_LEN = 128
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("tiny-llama"))
-    config = LlamaConfig(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_MODEL_LEN,
-                         bos_token_id=0, eos_token_id=1)
-    model = save_tiny_model(folder, LlamaForCausalLM, config)
+    model = save_tiny_llama(folder, MAX_MODEL_LEN)
     return folder, model
 
 

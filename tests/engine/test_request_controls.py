@@ -10,11 +10,10 @@ import logging
 import os
 
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.config import load_default_sampling
-from tests.tiny_models import TINY_VOCAB_SIZE, hf_greedy, save_tiny_model
+from tests.tiny_models import TINY_VOCAB_SIZE, hf_greedy, save_tiny_llama
 
 MAX_MODEL_LEN = 128
 ENGINE_KWARGS = dict(dtype="float32", num_kv_blocks=64, block_size=4)
@@ -24,10 +23,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=2)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("tiny-llama"))
-    config = LlamaConfig(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_MODEL_LEN,
-                         bos_token_id=0, eos_token_id=1)
-    model = save_tiny_model(folder, LlamaForCausalLM, config)
+    model = save_tiny_llama(folder, MAX_MODEL_LEN)
     return folder, model
 
 

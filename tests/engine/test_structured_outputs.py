@@ -9,11 +9,10 @@ import re
 
 import jsonschema
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.sampling_params import StructuredOutputsParams
-from tests.tiny_models import TINY_VOCAB_SIZE, save_tiny_model
+from tests.tiny_models import save_tiny_llama
 
 MAX_MODEL_LEN = 256
 # Finite: every string is bounded and no extra properties, so enough tokens always finish it.
@@ -28,10 +27,7 @@ PROMPTS = ["hello", "a person:", {"prompt_token_ids": [5, 6, 7, 8]}]
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("tiny-llama"))
-    config = LlamaConfig(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_MODEL_LEN,
-                         bos_token_id=0, eos_token_id=1)
-    save_tiny_model(folder, LlamaForCausalLM, config)
+    save_tiny_llama(folder, MAX_MODEL_LEN)
     return LLM(folder, dtype="float32", num_kv_blocks=128, block_size=4)
 
 
@@ -83,10 +79,7 @@ def test_constrained_greedy_output_does_not_depend_on_the_batch(llm):
 
 def test_preemption_keeps_the_grammar_state(tmp_path):
     folder = str(tmp_path)
-    config = LlamaConfig(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_MODEL_LEN,
-                         bos_token_id=0, eos_token_id=1)
-    save_tiny_model(folder, LlamaForCausalLM, config)
+    save_tiny_llama(folder, MAX_MODEL_LEN)
     roomy = LLM(folder, dtype="float32", num_kv_blocks=256, block_size=4, max_model_len=128)
     params = _params(StructuredOutputsParams(json=SCHEMA), max_tokens=100, n=2, temperature=1.0, seed=11)
     prompts = [f"prompt number {i}:" for i in range(6)]

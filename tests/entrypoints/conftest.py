@@ -14,9 +14,8 @@ import time
 import httpx
 import openai
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.tiny_models import TINY_VOCAB_SIZE, save_tiny_model
+from tests.tiny_models import save_tiny_llama
 
 TINY_MAX_MODEL_LEN = 512
 # The shared tiny server.
@@ -94,10 +93,7 @@ def metric_value(metrics_text: str, name: str, **labels: str) -> float:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     folder = str(tmp_path_factory.mktemp("tiny-llama"))
-    config = LlamaConfig(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TINY_MAX_MODEL_LEN,
-                         bos_token_id=0, eos_token_id=1)
-    save_tiny_model(folder, LlamaForCausalLM, config)
+    save_tiny_llama(folder, TINY_MAX_MODEL_LEN)
     return folder
 
 

@@ -27,13 +27,15 @@ def test_one_output_constraint_from_any_of_its_fields():
     assert request.structured_outputs_params() == StructuredOutputsParams(json=schema)
     assert ChatCompletionRequest(messages=MESSAGES, response_format={"type": "json_object"}
                                  ).structured_outputs_params() == StructuredOutputsParams(json_object=True)
-    assert ChatCompletionRequest(messages=MESSAGES, response_format={"type": "text"}).structured_outputs_params() is None
+    text = ChatCompletionRequest(messages=MESSAGES, response_format={"type": "text"})
+    assert text.structured_outputs_params() is None
     assert CompletionRequest(prompt="x", guided_regex="a+").structured_outputs_params() == StructuredOutputsParams(
         regex="a+")
     assert CompletionRequest(prompt="x", structured_outputs={"choice": ["a", "b"]}).structured_outputs_params() == (
         StructuredOutputsParams(choice=["a", "b"]))
     with pytest.raises(ValueError, match="guided_regex: give only one output constraint"):
-        CompletionRequest(prompt="x", structured_outputs={"choice": ["a"]}, guided_regex="a").structured_outputs_params()
+        CompletionRequest(prompt="x", structured_outputs={"choice": ["a"]},
+                          guided_regex="a").structured_outputs_params()
     with pytest.raises(ValueError, match="structured_outputs: .*exactly one"):
         CompletionRequest(prompt="x", structured_outputs={"choice": ["a"], "regex": "b"}).structured_outputs_params()
 

@@ -91,7 +91,8 @@ def test_json_schema_answers_validate_streamed_and_not(client, temperature):
     chunks = list(_chat(client, response_format=response_format, temperature=temperature, seed=5, n=2,
                         stream=True))
     for index, choice in enumerate(full.choices):
-        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == index)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks
+                           if c.choices and c.choices[0].index == index)
         assert streamed == choice.message.content  # same seed: the stream is the same answer
 
 
@@ -165,7 +166,8 @@ def test_required_tool_calls_stream(client):
 
 def test_auto_tool_calls_are_parsed_from_the_models_format(client):
     # The Hermes format, forced with a regex so that the small model writes it.
-    hermes = r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", "unit": "celsius"\}\}\n</tool_call>'
+    hermes = (r'<tool_call>\n\{"name": "get_weather", "arguments": '
+              r'\{"city": "(Paris|Rome)", "unit": "celsius"\}\}\n</tool_call>')
     fields = dict(tools=TOOLS, temperature=0, extra_body={"structured_outputs": {"regex": hermes}})
     full = _chat(client, **fields)
     choice = full.choices[0]

@@ -201,6 +201,7 @@ def run_server(args: argparse.Namespace) -> int:
     limits = limits_from_args(args)
     allowed_origins = [origin.strip() for origin in (args.allowed_origins or "").split(",") if origin.strip()]
     engine = LLMEngine.from_args(**engine_kwargs(args))
+    engine.input_processor.grammar_compiler.prepare()
     model_name = args.served_model_name or args.model or DEFAULT_MODEL_ALIAS
     metrics = EngineMetrics(model_name)
     serving = OpenAIServing(AsyncLLMEngine(engine, metrics.observe), model_name, chat_template, limits,
