@@ -282,11 +282,11 @@ def test_synthetic_gguf_round_trips_to_transformers(arch, tmp_path):
         torch.testing.assert_close(ours(input_ids).logits, model(input_ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_yarn_gguf_generates_as_transformers(tmp_path, monkeypatch):
+def test_yarn_gguf_generates_as_transformers(tmp_path):
     """The engine serves a qwen2 GGUF with every YaRN key convert_hf_to_gguf writes as transformers
     runs its HF config, with prompts and generations past original_max_position_embeddings (64)."""
-    from tests.models.helpers import assert_matches_reference, make_llm
-    from tests.tiny_models import save_byte_tokenizer
+    from pagedllm import LLM
+    from tests.models.helpers import BLOCK_SIZE, MAX_BATCHED_TOKENS, assert_matches_reference
 
     yarn = dict(YARN_ROPE, beta_fast=16.0, beta_slow=2.0, attention_factor=1.25)
     config = transformers.Qwen2Config(**SMALL, tie_word_embeddings=False, rope_scaling=dict(yarn))
@@ -294,12 +294,12 @@ def test_yarn_gguf_generates_as_transformers(tmp_path, monkeypatch):
     path = str(tmp_path / "tiny-qwen2-yarn.gguf")
     model.load_state_dict(write_like_llama_cpp(path, "qwen2", config, model, yarn), strict=False)
     assert gguf_hf_config(path)["rope_scaling"] == yarn
-    # the file has no vocabulary; prompts are token ids below its vocab_size
-    tokenizer = save_byte_tokenizer(str(tmp_path / "tokenizer"))
-    monkeypatch.setattr("pagedllm.loader.gguf_loader.load_gguf_tokenizer", lambda _: tokenizer)
+    # the file has no vocabulary: token ids in and out
+    llm = LLM(path, dtype="float32", num_kv_blocks=128, block_size=BLOCK_SIZE,
+              max_num_batched_tokens=MAX_BATCHED_TOKENS, skip_tokenizer_init=True)
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, config.vocab_size, (n,), generator=generator).tolist() for n in (80, 9)]
-    assert_matches_reference(make_llm(path), model, prompts, num_steps=16)
+    assert_matches_reference(llm, model, prompts, num_steps=16)
 
 
 def test_unknown_architecture_is_rejected(tmp_path):
