@@ -194,6 +194,11 @@ class _Server(uvicorn.Server):
 
 
 def run_server(args: argparse.Namespace) -> int:
+    if args.skip_tokenizer_init:
+        # No response here has a field for generated token ids: without text, a client would get nothing.
+        raise ValueError("pagedllm serve does not support --skip-tokenizer-init: its responses carry the "
+                         "generated text, not token ids. Serve a model folder with tokenizer files, or run "
+                         "token-id prompts offline with LLM(model, skip_tokenizer_init=True)")
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of "
                          f"{', '.join(sorted(TOOL_PARSERS))})")

@@ -121,11 +121,6 @@ def _warn_ignored_fields(request: BaseModel) -> None:
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None,
                  limits: ServerLimits, tool_parser: str | None = None, reasoning_parser: str | None = None) -> None:
-        if engine.engine.tokenizer is None:
-            # No response here has a field for generated token ids: without text, a client would get nothing.
-            raise ValueError("pagedllm serve does not support --skip-tokenizer-init: its responses carry the "
-                             "generated text, not token ids. Serve a model folder with tokenizer files, or run "
-                             "token-id prompts offline with LLM(model, skip_tokenizer_init=True)")
         self.engine = engine
         self.model_name = model_name
         self.chat_template = chat_template
