@@ -216,10 +216,14 @@ def _resolve_dtype(dtype: str, checkpoint_dtype: str | None, is_gguf: bool, devi
 
 
 def _context_length(hf_config: SimpleNamespace) -> int:
+    """The longest sequence the model serves: its positions, stretched by YaRN or
+    dynamic-NTK RoPE scaling as vLLM derives it (Qwen2.5's 32k x 4 with YaRN)."""
+    from pagedllm.layers.rotary import scaled_max_positions
+
     for name in ("max_position_embeddings", "n_positions", "seq_length", "model_max_length"):
         value = getattr(hf_config, name, None)
         if isinstance(value, int) and value > 0:
-            return value
+            return scaled_max_positions(value, getattr(hf_config, "rope_scaling", None))
     return 2048
 
 

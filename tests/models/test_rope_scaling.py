@@ -9,6 +9,7 @@ import shutil
 import pytest
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from pagedllm.config import ModelConfig
 from tests.models.helpers import assert_matches_reference, make_llm, make_prompts, save_hf_model, tiny_kwargs
 
 ROPE_THETA = 10000.0
@@ -58,3 +59,11 @@ def test_yarn_transformers_4_config_dialect(hf_models, tmp_path):
     with open(os.path.join(tmp_path, "config.json"), "w") as f:
         json.dump(config, f)
     assert_matches_reference(make_llm(tmp_path), hf_model, make_prompts(PROMPT_LENGTHS, seed=1)[2:])
+
+
+@pytest.mark.parametrize("name, context_length", [("yarn", 128), ("dynamic", 256)])
+def test_context_length_is_stretched_as_vllm_derives_it(hf_models, name, context_length):
+    """YaRN: original_max_position_embeddings x factor (here 32 x 4); dynamic NTK:
+    max_position_embeddings x factor (128 x 2)."""
+    folder, _ = hf_models(name)
+    assert ModelConfig.create(str(folder), dtype="float32").max_model_len == context_length
