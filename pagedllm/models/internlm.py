@@ -33,16 +33,13 @@ INTERNLM2_RENAMES = (
 
 
 def _llama_view(config: SimpleNamespace) -> SimpleNamespace:
-    """Biases from `bias`; InternLM's `rotary: {base, type}`; dynamic NTK -> plain."""
+    """Biases from `bias`; InternLM's `rotary: {base, type}`."""
     rope_theta = config.rope_theta
     rotary = getattr(config, "rotary", None)
     if isinstance(rotary, dict):
         rope_theta = rotary.get("base", rope_theta)
-    scaling = config.rope_scaling
-    if scaling and scaling.get("rope_type") == "dynamic":
-        scaling = None
     bias = bool(getattr(config, "bias", False))
-    return config_with(config, attention_bias=bias, mlp_bias=False, rope_theta=rope_theta, rope_scaling=scaling)
+    return config_with(config, attention_bias=bias, mlp_bias=False, rope_theta=rope_theta)
 
 
 class InternLMForCausalLM(LlamaForCausalLM):
