@@ -142,12 +142,26 @@ def test_16_bit_kv_cache_picks_transformers_argmax_or_a_near_tie(llm_16_bit_kv, 
     assert max(gaps) < NEAR_TIE, gaps
 
 
-def test_16_bit_kv_cache_tokens_do_not_depend_on_scheduling(llm_16_bit_kv, prompts):
+def _assert_same_up_to_near_ties(hf_model, prompts: list[list[int]], got: list[list[int]],
+                                 expected: list[list[int]]) -> None:
+    """The token lists agree, or first differ where transformers' logits of the two tokens
+    are within NEAR_TIE: 16-bit K/V, summed in another order by another kernel (a chunk
+    of a prompt attends through the pool, a whole prompt in one pass), may flip a near-tie."""
+    for prompt, tokens, reference in zip(prompts, got, expected):
+        if tokens == reference:
+            continue
+        first = next(i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b)
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([prompt + reference[:first]])).logits[0, -1]
+        assert abs(float(logits[tokens[first]] - logits[reference[first]])) < NEAR_TIE, (first, tokens, reference)
+
+
+def test_16_bit_kv_cache_tokens_do_not_depend_on_scheduling(llm_16_bit_kv, hf_smollm2, prompts):
     batched = _greedy(llm_16_bit_kv, prompts)
     assert [_greedy(llm_16_bit_kv, [ids])[0] for ids in prompts] == batched
     old = _with_engine(llm_16_bit_kv, num_blocks=16, max_num_batched_tokens=7)  # preemption, chunked prompts
     try:
-        assert _greedy(llm_16_bit_kv, prompts) == batched
+        _assert_same_up_to_near_ties(hf_smollm2, prompts, _greedy(llm_16_bit_kv, prompts), batched)
         assert llm_16_bit_kv.llm_engine.engine_core.scheduler.num_preemptions_total > 0
     finally:
         llm_16_bit_kv.llm_engine.engine_core.scheduler = old
