@@ -5,7 +5,9 @@ One process, one engine: a warm-up pair, then --repeats pairs of runs, the order
 alternating (free, constrained, constrained, free, ...) so that drift in the machine's
 speed hits both alike. Each run times every llm_engine.step() of one greedy request of
 --output-len tokens; the first step (prefill and first token) is left out, so the
-TPOT of a run is the median of its decode steps. The constraint is
+TPOT of a run is the median of its decode steps. The speed of a shared machine drifts
+by 10-30 % within minutes, so besides the ratio of the medians the script reports the
+median of each repeat's constrained / free ratio (its two runs are next to each other). The constraint is
 `pagedllm bench throughput`'s default schema, which cannot complete in fewer than
 ~256 tokens: constrained runs decode as many tokens as free ones.
 
@@ -59,24 +61,27 @@ def main() -> None:
     # Warm-up: first-step costs (kernels, the grammar's tokenizer and compilation) are not TPOT.
     for kind, params in kinds.items():
         time_decode_steps(llm, params, f"warmup-{kind}")
-    runs = []
+    runs, pair_ratios = [], []
     for repeat in range(args.repeats):
         order = ["free", "constrained"] if repeat % 2 == 0 else ["constrained", "free"]
+        tpot = {}
         for kind in order:
             durations, num_tokens = time_decode_steps(llm, kinds[kind], f"{kind}-{repeat}")
-            run = {"kind": kind, "repeat": repeat, "output_tokens": num_tokens,
-                   "median_tpot_ms": 1000 * statistics.median(durations),
-                   "mean_tpot_ms": 1000 * statistics.fmean(durations)}
-            runs.append(run)
-            print(f"{kind:>11} #{repeat}: {num_tokens} tokens, median TPOT {run['median_tpot_ms']:.2f} ms, "
-                  f"mean {run['mean_tpot_ms']:.2f} ms", flush=True)
+            tpot[kind] = 1000 * statistics.median(durations)
+            runs.append({"kind": kind, "repeat": repeat, "output_tokens": num_tokens, "median_tpot_ms": tpot[kind],
+                         "mean_tpot_ms": 1000 * statistics.fmean(durations)})
+            print(f"{kind:>11} #{repeat}: {num_tokens} tokens, median TPOT {tpot[kind]:.2f} ms, "
+                  f"mean {runs[-1]['mean_tpot_ms']:.2f} ms", flush=True)
+        pair_ratios.append(tpot["constrained"] / tpot["free"])
     medians = {kind: statistics.median(r["median_tpot_ms"] for r in runs if r["kind"] == kind) for kind in kinds}
     ratio = medians["constrained"] / medians["free"]
     print(f"median TPOT: free {medians['free']:.2f} ms, constrained {medians['constrained']:.2f} ms, "
-          f"ratio {ratio:.3f}")
+          f"ratio {ratio:.3f}; constrained / free per repeat: {', '.join(f'{r:.3f}' for r in pair_ratios)} "
+          f"(median {statistics.median(pair_ratios):.3f})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"runs": runs, "median_tpot_ms": medians, "ratio": ratio}, f, indent=2)
+            json.dump({"runs": runs, "median_tpot_ms": medians, "ratio": ratio, "pair_ratios": pair_ratios}, f,
+                      indent=2)
 
 
 if __name__ == "__main__":
