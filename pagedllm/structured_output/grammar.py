@@ -16,7 +16,6 @@ This module imports no torch: it runs next to the scheduler.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import OrderedDict
@@ -40,20 +39,6 @@ CACHE_SIZE = 256
 # JSON is written without free whitespace: a small model could otherwise emit newlines
 # forever inside an object, and a finite schema would not bound the output.
 JSON_OPTIONS = {"whitespace_flexible": False}
-
-
-def _spec_key(spec: StructuredOutputsParams) -> tuple[str, str]:
-    """(grammar format, text) of a spec; the cache key."""
-    if spec.json is not None:
-        schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
-        return "json", schema
-    if spec.json_object:
-        return "json", '{"type": "object"}'
-    if spec.regex is not None:
-        return "regex", spec.regex
-    if spec.choice is not None:
-        return "choice", json.dumps(list(spec.choice))
-    return "grammar", spec.grammar
 
 
 class GrammarMatcher:
@@ -101,7 +86,7 @@ class GrammarCompiler:
     def compile(self, spec: StructuredOutputsParams) -> CompiledGrammar:
         """Raises ValueError naming what is wrong with the spec."""
         try:
-            key = _spec_key(spec)
+            key = spec.grammar_source
         except RecursionError:
             raise ValueError("structured_outputs.json is nested too deeply") from None
         with self._lock:

@@ -318,7 +318,7 @@ class OpenAIServing:
                     continue_final_message=request.continue_final_message or None)
         ours = {key: value for key, value in ours.items() if value is not None}
         extra = request.chat_template_kwargs or {}
-        clashes = sorted(set(extra) & (set(ours) | _RESERVED_TEMPLATE_ARGS))
+        clashes = sorted(set(extra) & _RESERVED_TEMPLATE_ARGS)
         if clashes:
             raise ValueError(f"chat_template_kwargs: {clashes[0]!r} cannot be set here; use the request field")
         return {**extra, **ours}
@@ -377,7 +377,9 @@ class OpenAIServing:
 
     def _check_request(self, request: CompletionRequest | ChatCompletionRequest) -> None:
         """400 for a field set to what pagedllm cannot honour; unknown fields logged."""
-        for name, why in request.unsupported_fields():
+        unsupported = request.unsupported_fields()
+        if unsupported:
+            name, why = unsupported[0]
             raise ApiError(400, f"{name}: {why}", param=name)
         if request.stream and request.prompt_logprobs is not None:
             raise ApiError(400, "prompt_logprobs: not available when streaming", param="prompt_logprobs")
