@@ -72,7 +72,7 @@ class OutputProcessor:
         for index, child_id in enumerate(child_ids):
             decoder = None
             if self._backend is not None:
-                decoder = DecodeStream(ids=prompt_token_ids[-_DECODE_CONTEXT_TOKENS:],
+                decoder = DecodeStream(ids=self._decode_context(prompt_token_ids, params),
                                        skip_special_tokens=params.skip_special_tokens)
             sample = SampleState(index, params, decoder, logprobs=[] if params.logprobs is not None else None,
                                  cumulative_logprob=0.0 if params.logprobs is not None else None)
@@ -82,6 +82,16 @@ class OutputProcessor:
         self.parents[request_id] = parent
         for child_id, sample in zip(child_ids, samples):
             self.samples[child_id] = (parent, sample)
+
+    def _decode_context(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        """The last prompt tokens, without a trailing partial character: DecodeStream
+        takes a context whose text ends in U+FFFD as not yet emitted, and would put
+        that prompt text in front of the first output token."""
+        context = prompt_token_ids[-_DECODE_CONTEXT_TOKENS:]
+        while context and self._backend.decode(context, skip_special_tokens=params.skip_special_tokens).endswith(
+                "\ufffd"):
+            context = context[:-1]
+        return context
 
     def child_ids(self, request_id: str) -> list[str]:
         return [cid for cid, (parent, _) in self.samples.items() if parent.request_id == request_id]

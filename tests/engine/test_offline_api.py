@@ -53,6 +53,18 @@ def test_text_is_the_decoded_tokens_and_never_splits_characters(llm):
     assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
 
 
+def test_a_prompt_ending_in_a_partial_character_stays_out_of_the_text(llm):
+    # 'â' alone is the first byte of a 3-byte character: the prompt's text ends in U+FFFD.
+    tokenizer = llm.get_tokenizer()
+    prompt = tokenizer.encode(" Ping Joan radon", add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("â")]
+    assert tokenizer.decode(prompt).endswith("\ufffd")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    [output] = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    completion = output.outputs[0]
+    assert "Ping" not in completion.text
+    assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+
+
 def test_chat_applies_the_template(llm):
     messages = [{"role": "user", "content": "Hi"}]
     [output] = llm.chat(messages, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
