@@ -15,8 +15,9 @@ from collections.abc import Callable
 from pagedllm.config import DEFAULT_MODEL_ALIAS
 from pagedllm.entrypoints.cli_args import add_engine_args, engine_kwargs
 
-# The packages of the `bench` extra (pyproject.toml), by import name.
-BENCH_EXTRA = frozenset({"openai", "httpx", "matplotlib", "accelerate"})
+# Optional packages, by import name -> (the extra that installs them, what needs them).
+OPTIONAL_PACKAGES = {**{name: ("bench", "the benchmarks") for name in ("openai", "httpx", "matplotlib", "accelerate")},
+                     "ray": ("ray", "Ray executors")}
 
 
 class _CommandParser(argparse.ArgumentParser):
@@ -107,11 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ModuleNotFoundError as error:
         package = (error.name or "").partition(".")[0]
-        if package not in BENCH_EXTRA:
+        if package not in OPTIONAL_PACKAGES:
             raise
-        # Only the benchmarks import these: a one-line hint, not a traceback.
-        print(f"error: {package} is not installed; the benchmarks need the bench extra: "
-              "pip install 'pagedllm[bench]'", file=sys.stderr)
+        # Only optional features import these: a one-line hint, not a traceback.
+        extra, user = OPTIONAL_PACKAGES[package]
+        print(f"error: {package} is not installed, and {user} need it: pip install 'pagedllm[{extra}]'",
+              file=sys.stderr)
         return 1
 
 

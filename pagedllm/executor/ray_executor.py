@@ -31,7 +31,8 @@ def _import_ray():
     try:
         import ray
     except ImportError as e:
-        raise ImportError("distributed_executor_backend='ray' needs Ray: pip install 'pagedllm[ray]'") from e
+        raise ModuleNotFoundError("distributed_executor_backend='ray' needs Ray: pip install 'pagedllm[ray]'",
+                                  name="ray") from e
     return ray
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pagedllm.entrypoints.cli import BENCH_EXTRA, build_parser, main
+from pagedllm.entrypoints.cli import OPTIONAL_PACKAGES, build_parser, main
 
 REPO = Path(__file__).resolve().parents[2]
 # Only in extras (bench, cuda, ray): a plain install lacks them.
@@ -50,11 +50,14 @@ def test_bench_commands_are_added_when_a_bench_command_line_is_parsed():
     assert (args.command, args.bench_command, args.seed) == ("bench", "throughput", 3)
 
 
-@pytest.mark.parametrize("package, argv", [
-    ("matplotlib", ["bench", "plot", "a.json", "--png", "b.png"]),
-    ("httpx", ["bench", "serve", "--random-input-len", "2", "--random-output-len", "2", "--num-prompts", "1"]),
+@pytest.mark.parametrize("package, argv, user, extra", [
+    ("matplotlib", ["bench", "plot", "a.json", "--png", "b.png"], "the benchmarks", "bench"),
+    ("httpx", ["bench", "serve", "--random-input-len", "2", "--random-output-len", "2", "--num-prompts", "1"],
+     "the benchmarks", "bench"),
+    ("ray", ["generate", "--prompt", "hi", "--tensor-parallel-size", "2", "--distributed-executor-backend", "ray"],
+     "Ray executors", "ray"),
 ])
-def test_bench_without_its_extra_exits_with_one_line(monkeypatch, capsys, package, argv):
+def test_a_command_without_its_extra_exits_with_one_line(monkeypatch, capsys, package, argv, user, extra):
     # None in sys.modules makes importing a module raise ModuleNotFoundError, as when it is not installed
     # (its submodules too: one already imported would be found without its package); the benchmark modules
     # are dropped so that they are imported anew.
@@ -65,10 +68,11 @@ def test_bench_without_its_extra_exits_with_one_line(monkeypatch, capsys, packag
         elif name.startswith("pagedllm.bench."):
             monkeypatch.delitem(sys.modules, name)
     assert main(argv) == 1
-    assert capsys.readouterr().err == (f"error: {package} is not installed; the benchmarks need the bench extra: "
-                                       "pip install 'pagedllm[bench]'\n")
+    assert capsys.readouterr().err == (f"error: {package} is not installed, and {user} need it: "
+                                       f"pip install 'pagedllm[{extra}]'\n")
 
 
 def test_bench_extra_matches_pyproject():
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert BENCH_EXTRA == {re.match(r"[\w.-]+", requirement).group() for requirement in extras["bench"]}
+    bench_packages = {name for name, (extra, _) in OPTIONAL_PACKAGES.items() if extra == "bench"}
+    assert bench_packages == {re.match(r"[\w.-]+", requirement).group() for requirement in extras["bench"]}
