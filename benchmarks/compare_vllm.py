@@ -157,6 +157,7 @@ def main() -> None:
         ("Elapsed (s)", result["elapsed_s"]), ("Output tok/s", result["output_tokens_per_s"]),
         ("Total tok/s", result["total_tokens_per_s"]),
         ("Process start -> ready (s)", result["startup_to_ready_s"]),
+        ("CPU", result["cpu"]),
     ])
 
 

@@ -121,12 +121,6 @@ def load_default_sampling(generation_config: str, model_path: str, is_gguf: bool
     return defaults
 
 
-def _cpu_has_fast_bf16() -> bool:
-    import torch
-
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     path: str
@@ -201,18 +195,21 @@ def _resolve_device(device: str) -> str:
 
 
 def _resolve_dtype(dtype: str, checkpoint_dtype: str | None, is_gguf: bool, device: str) -> str:
-    """auto: the checkpoint's dtype; 16-bit (and GGUF) weights run in bfloat16 on
-    CUDA and on CPUs with native bfloat16 (AVX512-BF16/AMX), else in float32 —
-    emulated bfloat16 matmuls are hundreds of times slower."""
+    """auto: float32 checkpoints run in float32; 16-bit (and GGUF) weights in the
+    dtype the device's platform runs fastest (platforms/: bfloat16 on CUDA and on
+    CPUs with native bfloat16 math, else float32). The choice and why are logged."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     if dtype != "auto":
         return dtype
     if checkpoint_dtype == "float32" and not is_gguf:
         return "float32"
-    if device == "cuda":
-        return "float16" if checkpoint_dtype == "float16" else "bfloat16"
-    return "bfloat16" if _cpu_has_fast_bf16() else "float32"
+    from pagedllm.platforms import get_platform
+
+    platform = get_platform(device)
+    resolved, why = platform.choose_dtype(checkpoint_dtype)
+    logger.info("dtype auto -> %s: %s [%s]", resolved, why, platform.describe())
+    return resolved
 
 
 def _context_length(hf_config: SimpleNamespace) -> int:

@@ -3,7 +3,8 @@
 `paged_attention(query, kv_cache, metadata, scale, sliding_window, alibi_slopes, logits_soft_cap)`.
 
 - "torch": plain PyTorch, every device; the correctness baseline.
-- "cpu": a compiled C kernel for decode tokens on CPU (float32), torch for the rest.
+- "cpu": a compiled C kernel for decode tokens on CPU (pagedllm.platforms.cpu.attention), torch
+  for the rest.
 - "triton": Triton kernels (CUDA; on CPU only under TRITON_INTERPRET=1).
 """
 
@@ -44,7 +45,7 @@ def _load(name: str) -> ModuleType:
         from pagedllm.attention import triton_backend
         return triton_backend
     if name == "cpu":
-        from pagedllm.attention import cpu_backend
-        return cpu_backend
+        from pagedllm.platforms.cpu import attention
+        return attention
     from pagedllm.attention import torch_backend
     return torch_backend

@@ -84,7 +84,14 @@ def finish_report(args: argparse.Namespace, result: dict, title: str, rows: list
 
 
 def add_run_info(args: argparse.Namespace, result: dict) -> None:
+    import torch
+
+    from pagedllm.platforms.cpu.isa import cpu_features
+
     result["workload"] = describe_workload(args)
+    # Figures are only comparable on one machine: name its CPU and the threads used.
+    result["cpu"] = cpu_features().describe()
+    result["cpu_threads"] = torch.get_num_threads()
     if args.label:
         result["label"] = args.label
 

@@ -162,6 +162,7 @@ def _cmd_throughput(args: argparse.Namespace) -> None:
         ("Process start -> first token (s)", result["startup_to_first_token_s"]),
         ("KV-cache waste (%)", 100 * result["kv_cache_waste"]),
         ("Peak RSS (GiB)", result["peak_rss_gib"]),
+        ("CPU / threads", f"{result['cpu']} / {result['cpu_threads']}"),
     ])
 
 

@@ -6,16 +6,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.layers import cpu_fused
+from pagedllm.platforms import current_platform
 
 
 class SiluAndMul(nn.Module):
     """x: [..., 2*d] = [gate | up] -> silu(gate) * up: [..., d]."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.fused = current_platform().fused_ops(torch.get_default_dtype())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = cpu_fused.silu_and_mul(x)
-        if fused is not None:
-            return fused
+        out = self.fused.silu_and_mul(x) if self.fused else None
+        if out is not None:
+            return out
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagedllm.attention import get_attention_backend
 from pagedllm.attention.metadata import AttentionMetadata
+from pagedllm.platforms import current_platform
 
 
 class Attention(nn.Module):
@@ -22,8 +22,7 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.logits_soft_cap = logits_soft_cap
         self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
-        # Chosen on first use, from the device the model actually runs on.
-        self.backend = None
+        self.backend = current_platform().attention_backend()
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -32,8 +31,6 @@ class Attention(nn.Module):
         query = query.view(num_tokens, self.num_heads, self.head_dim)
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.backend is None:
-            self.backend = get_attention_backend(query.device.type)
         self.backend.write_kv(key, value, kv_cache, metadata.slot_mapping)
         out = self.backend.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window,
                                            self.alibi_slopes, self.logits_soft_cap)

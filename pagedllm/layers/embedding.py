@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
-from pagedllm.layers.linear import linear
+from pagedllm.layers.linear import linear_method
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -48,6 +48,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def __init__(self, vocab_size: int, hidden_size: int, bias: bool = False) -> None:
         super().__init__(vocab_size, hidden_size)
+        self.linear = linear_method()
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.rows_per_rank), requires_grad=False)
@@ -60,5 +61,5 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden_states, self.weight, self.bias)
+        logits = self.linear(hidden_states, self.weight, self.bias)
         return tp_all_gather(logits)[..., :self.vocab_size]

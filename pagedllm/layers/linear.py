@@ -8,15 +8,13 @@ Weights are [out_features, in_features] as in torch.nn.Linear.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
-from pagedllm.layers import cpu_fused
+from pagedllm.platforms import current_platform
 
 
 def divide(numerator: int, denominator: int) -> int:
@@ -52,31 +50,10 @@ def shard_attention_heads(num_heads: int, num_kv_heads: int, tp_size: int, tp_ra
     return HeadShard(tp_rank * heads_per_rank, heads_per_rank, tp_rank // replicas, 1)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] -> [T, out], as F.linear. float32 on CPU: up to SMALL_GEMM_MAX_ROWS rows
-    through cpu_small_gemm.c (streams the weights 1.2-2.7x faster than oneDNN), more through
-    oneDNN: the MKL sgemm behind F.linear ran 1.2-2.3x slower on these models' wide
-    matrices (LM head 576 -> 49152, gate/up 576 -> 3072, batches of 16-256 rows, AVX2 EPYC)."""
-    if x.dtype == torch.float32 and x.device.type == "cpu":
-        if x.shape[0] <= SMALL_GEMM_MAX_ROWS:
-            out = cpu_fused.small_linear(x, weight, bias)
-            if out is not None:
-                return out
-        if _ONEDNN_LINEAR is not None:
-            return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
-
-
-SMALL_GEMM_MAX_ROWS = 48  # measured: 1.2-2.7x oneDNN up to 48 rows, slower from 64
-
-
-_ONEDNN_LINEAR = (torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available()
-                  and hasattr(torch.ops.mkldnn, "_linear_pointwise") else None)
-# oneDNN keeps one compiled kernel per matmul shape, and every batch size is a new
-# shape: with its default cache of 1024 kernels a server's RSS grew ~1 MiB per new
-# batch size (the soak test). 64 holds the shapes of the last dozen batch sizes.
-# Read by oneDNN on first use, so this must run before the first matmul.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+def linear_method():
+    """x [T, in], weight [out, in], bias -> [T, out], as F.linear: the current platform's
+    fastest for the dtype the model is being built in (asked once per layer)."""
+    return current_platform().linear(torch.get_default_dtype())
 
 
 def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
@@ -99,12 +76,13 @@ class ReplicatedLinear(nn.Module):
         super().__init__()
         self.weight = _param((out_features, in_features), self.weight_loader)
         self.bias = _param((out_features,), self.weight_loader) if bias else None
+        self.linear = linear_method()
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         _copy_checked(param, loaded, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -118,13 +96,14 @@ class ColumnParallelLinear(nn.Module):
         self.out_per_rank = divide(out_features, self.tp_size) if out_per_rank is None else out_per_rank
         self.weight = _param((self.out_per_rank, in_features), self.weight_loader)
         self.bias = _param((self.out_per_rank,), self.weight_loader) if bias else None
+        self.linear = linear_method()
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         size = param.shape[0]
         _copy_checked(param, loaded.narrow(0, self.tp_rank * size, size), type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -190,6 +169,7 @@ class RowParallelLinear(nn.Module):
         self.in_start, self.in_per_rank = input_shard
         self.weight = _param((out_features, self.in_per_rank), self.weight_loader)
         self.bias = _param((out_features,), self._bias_loader) if bias else None
+        self.linear = linear_method()
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         _copy_checked(param, loaded.narrow(1, self.in_start, self.in_per_rank), type(self).__name__)
@@ -198,6 +178,6 @@ class RowParallelLinear(nn.Module):
         _copy_checked(param, loaded, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = tp_all_reduce(linear(x, self.weight))
+        out = tp_all_reduce(self.linear(x, self.weight))
         # The bias is added once, after the sum.
         return out if self.bias is None else out + self.bias

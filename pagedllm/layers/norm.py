@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagedllm.layers import cpu_fused
+from pagedllm.platforms import current_platform
 
 
 class RMSNorm(nn.Module):
@@ -17,6 +17,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight_offset = weight_offset
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.fused = current_platform().fused_ops(self.weight.dtype)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -29,9 +30,9 @@ class RMSNorm(nn.Module):
         the next residual, so the add happens once. On CPU in float32 one fused
         kernel does it in place (x and residual are this step's own activations)."""
         if residual is None:
-            fused = cpu_fused.rms_norm(x, self.weight, self.eps, self.weight_offset)
-            return fused if fused is not None else self._norm(x)
-        if cpu_fused.add_rms_norm_(x, residual, self.weight, self.eps, self.weight_offset):
+            out = self.fused.rms_norm(x, self.weight, self.eps, self.weight_offset) if self.fused else None
+            return out if out is not None else self._norm(x)
+        if self.fused and self.fused.add_rms_norm_(x, residual, self.weight, self.eps, self.weight_offset):
             return x, residual
         summed = x + residual
         return self._norm(summed), summed

@@ -29,7 +29,7 @@ import math
 import torch
 from torch import nn
 
-from pagedllm.layers import cpu_fused
+from pagedllm.platforms import current_platform
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
@@ -146,11 +146,12 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [num_positions, rotary_dim]
         self.register_buffer("cos_cache", emb.cos() * attention_factor, persistent=False)
         self.register_buffer("sin_cache", emb.sin() * attention_factor, persistent=False)
+        self.fused = current_platform().fused_ops(torch.get_default_dtype())
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
         """positions [T]; query [T, Hq, D], key [T, Hkv, D] -> rotated: in place on CPU
-        in float32 (they are slices of this step's QKV output), else new tensors."""
-        if cpu_fused.rotary_(query, key, positions, self.cos_cache, self.sin_cache):
+        (they are slices of this step's QKV output), else new tensors."""
+        if self.fused and self.fused.rotary_(query, key, positions, self.cos_cache, self.sin_cache):
             return query, key
         cos = self.cos_cache[positions].unsqueeze(1).to(query.dtype)  # [T, 1, rotary_dim]
         sin = self.sin_cache[positions].unsqueeze(1).to(query.dtype)

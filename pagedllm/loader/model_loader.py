@@ -10,6 +10,7 @@ from torch import nn
 from pagedllm.config import ModelConfig
 from pagedllm.models.registry import get_model_class
 from pagedllm.models.utils import config_with
+from pagedllm.platforms import get_platform
 
 
 def iter_checkpoint(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -47,4 +48,5 @@ def load_model(model_config: ModelConfig) -> nn.Module:
     finally:
         torch.set_default_dtype(previous_dtype)
     model.load_weights(iter_checkpoint(model_config))
+    get_platform(model_config.device).process_weights_after_loading(model)
     return model.eval()

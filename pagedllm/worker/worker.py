@@ -12,7 +12,7 @@ from pagedllm.config import (DEFAULT_CPU_KV_BYTES, DEFAULT_CPU_KV_FRACTION, DEFA
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.distributed.parallel_state import set_tensor_parallel_group
 from pagedllm.layers.linear import shard_attention_heads
-from pagedllm.worker.cpu_allocator import keep_freed_memory
+from pagedllm.platforms import get_platform
 from pagedllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,7 @@ class Worker:
             torch.distributed.init_process_group(backend, init_method=self.distributed_init_method,
                                                  rank=self.rank, world_size=self.world_size)
         set_tensor_parallel_group(self.rank, self.world_size)
-        if self.model_config.device == "cpu":
-            keep_freed_memory()
+        get_platform(self.model_config.device).prepare_process()
         torch.manual_seed(self.model_config.seed)
 
     def load_model(self) -> None:

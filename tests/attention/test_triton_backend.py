@@ -14,7 +14,8 @@ import pytest
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
-from pagedllm.attention import cpu_backend, get_attention_backend, torch_backend, triton_backend
+from pagedllm.attention import get_attention_backend, torch_backend, triton_backend
+from pagedllm.platforms.cpu import attention as cpu_backend
 from tests.attention.helpers import (CASES, FEATURES, KV_DTYPES, Case, case_params, check_backend, feature_kwargs,
                                      make_batch, run_backend)
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pagedllm.worker import cpu_allocator
+from pagedllm.platforms.cpu import memory
 
 # 2048-token prefill steps of the embedded model (8 distinct prompts of 256
 # tokens each; no prefix caching, so later steps reuse the first one's KV
@@ -38,7 +38,7 @@ def _prefill_step_faults(env: dict[str, str]) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_prefill_steps_reuse_activation_memory():
-    env = {k: v for k, v in os.environ.items() if k not in cpu_allocator.USER_SETTINGS}
+    env = {k: v for k, v in os.environ.items() if k not in memory.USER_SETTINGS}
     kept = _prefill_step_faults(env)
     # Any malloc setting in the environment makes the worker leave malloc as it is.
     default = _prefill_step_faults({**env, "GLIBC_TUNABLES": "glibc.malloc.check=0"})

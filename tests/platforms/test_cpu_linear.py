@@ -1,5 +1,5 @@
-"""layers.linear.linear (cpu_small_gemm.c for few rows, oneDNN for more, float32 on CPU)
-against torch's F.linear."""
+"""The CPU platform's linear layers (csrc/small_gemm.c for few rows, oneDNN for more,
+float32) against torch's F.linear."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedllm.layers import cpu_fused
-from pagedllm.layers.linear import SMALL_GEMM_MAX_ROWS, linear
+from pagedllm.platforms.cpu import CpuPlatform
+from pagedllm.platforms.cpu.fused import small_linear
+from pagedllm.platforms.cpu.linear import SMALL_GEMM_MAX_ROWS, bucket_rows, pack_bfloat16_weights
+
+PLATFORM = CpuPlatform()
+linear = PLATFORM.linear(torch.float32)
 
 
 # 1..SMALL_GEMM_MAX_ROWS rows take the small-batch kernel, 128 oneDNN; 3001 and 61 are
@@ -31,7 +35,7 @@ def test_small_batch_kernel_runs_and_matches():
     x = torch.randn(5, 100)
     weight = torch.randn(37, 100)
     bias = torch.randn(37)
-    out = cpu_fused.small_linear(x, weight, bias)
+    out = small_linear(PLATFORM.kernels, x, weight, bias)
     assert out is not None
     torch.testing.assert_close(out.double(), F.linear(x.double(), weight.double(), bias.double()), rtol=1e-5,
                                atol=1e-4)
@@ -47,7 +51,28 @@ def test_a_sliced_input_matches(rows):
         torch.testing.assert_close(linear(view, weight), F.linear(view, weight), rtol=1e-5, atol=1e-5)
 
 
-def test_other_dtypes_are_plain_pytorch():
-    x = torch.randn(4, 64, dtype=torch.bfloat16)
-    weight = torch.randn(16, 64, dtype=torch.bfloat16)
-    assert torch.equal(linear(x, weight), F.linear(x, weight))
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 100, 2048, 2049])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bfloat16_padded_to_buckets_and_packed_equals_plain_pytorch(rows, bias):
+    """Zero rows padded below x and oneDNN's packed weight layout change no output bit."""
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(40, 96, generator=generator).to(torch.bfloat16)
+    b = torch.randn(40, generator=generator).to(torch.bfloat16) if bias else None
+    linear16 = PLATFORM.linear(torch.bfloat16)
+    expected = linear16(x, weight, b)
+    assert expected.shape == (rows, 40)
+    torch.testing.assert_close(expected, F.linear(x, weight, b))
+    layer = torch.nn.Module()
+    layer.weight, layer.linear = torch.nn.Parameter(weight, requires_grad=False), linear16
+    pack_bfloat16_weights(layer)
+    assert layer.weight.is_mkldnn
+    assert torch.equal(linear16(x, layer.weight, b), expected)
+
+
+def test_row_buckets():
+    assert [bucket_rows(n) for n in (1, 16, 17, 24, 25, 2048, 2049, 5000)] == [16, 16, 24, 24, 32, 2048, 4096, 6144]
+
+
+def test_float16_is_plain_pytorch():
+    assert PLATFORM.linear(torch.float16) is F.linear

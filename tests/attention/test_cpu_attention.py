@@ -13,8 +13,9 @@ import platform
 import pytest
 import torch
 
-from pagedllm import cpu_kernels
-from pagedllm.attention import cpu_backend, torch_backend
+from pagedllm.attention import torch_backend
+from pagedllm.platforms.cpu import attention as cpu_backend
+from pagedllm.platforms.cpu import kernels as cpu_kernels
 from tests.attention.helpers import CASES, FEATURES, KV_DTYPES, case_params, check_backend, make_batch
 
 
@@ -48,6 +49,14 @@ def test_16_bit_pool_matches_naive_reference(case, feature, kv_dtype):
     check_backend(cpu_backend, case, feature, kv_dtype=kv_dtype)
 
 
+@pytest.mark.parametrize("feature", ["plain", "all"])
+@pytest.mark.parametrize("case", case_params())
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+def test_16_bit_queries_and_pool_match_naive_reference(case, feature, dtype):
+    """A 16-bit model: queries are widened for the kernel, its output rounded back."""
+    check_backend(cpu_backend, case, feature, dtype=dtype)
+
+
 @pytest.mark.parametrize("kv_dtype", list(cpu_backend.KV_FORMATS), ids=str)
 @pytest.mark.parametrize("num_tokens", [3, 70])  # below and above the kernel's threading threshold
 def test_write_kv_from_qkv_slices_matches_torch(num_tokens, kv_dtype):
@@ -71,7 +80,7 @@ def test_portable_float16_conversion_matches_f16c(tmp_path, monkeypatch):
     """Compilers without F16C take the integer float16 -> float32 conversion:
     the same kernel built with -mno-f16c must agree, with normal keys and values
     that are mostly subnormal halves (flushing them would zero the output)."""
-    source = os.path.join(os.path.dirname(cpu_backend.__file__), "cpu_decode_attention.c")
+    source = os.path.join(os.path.dirname(cpu_backend.__file__), "csrc", "decode_attention.c")
     built = str(tmp_path / "portable.so")
     assert cpu_kernels.build_library(os.environ.get("CC") or "cc", [source], built, ["-mno-f16c"]) is None
     portable = ctypes.CDLL(built)

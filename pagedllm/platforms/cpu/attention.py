@@ -1,10 +1,10 @@
 """Paged attention for CPUs: a small C kernel for decode tokens, the reference
 torch backend for the rest.
 
-The C kernel (cpu_decode_attention.c, built by pagedllm.cpu_kernels) reads K/V
+The C kernel (csrc/decode_attention.c, built by platforms/cpu/kernels.py) reads K/V
 in place from the blocks; the torch reference must gather each request's
-context into new tensors, which dominated decode steps. It takes float32
-queries and a float32, float16 or bfloat16 cache. Without a compiler the torch
+context into new tensors, which dominated decode steps. It computes in float32
+from float32, float16 or bfloat16 queries and cache. Without a compiler the torch
 backend is used.
 """
 
@@ -17,15 +17,15 @@ import torch
 
 from pagedllm.attention import torch_backend
 from pagedllm.attention.metadata import AttentionMetadata
-from pagedllm.cpu_kernels import FLOAT, INT64, load_kernel_library, pointer
+from pagedllm.platforms.cpu.kernels import FLOAT, INT64, load_kernel_library, pointer
 
 
-# The kernel's kv_format numbers (the enum in cpu_decode_attention.c).
+# The kernel's kv_format numbers (the enum in csrc/decode_attention.c).
 KV_FORMATS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """key/value [T, Hkv, D] -> their slots in kv_cache, cast to its dtype (cpu_write_kv.c)."""
+    """key/value [T, Hkv, D] -> their slots in kv_cache, cast to its dtype (csrc/write_kv.c)."""
     lib = load_kernel_library()
     key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
     dense_rows = all(x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (key, value))
@@ -67,16 +67,19 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
                     sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
                     logits_soft_cap: float | None = None) -> torch.Tensor:
     """Same contract as torch_backend.paged_attention."""
-    query = query.contiguous()  # the kernel takes dense rows; queries rotated in place are QKV slices
     decodes = np.flatnonzero(metadata.query_lens_np == 1)
-    usable = (query.dtype == torch.float32 and kv_cache.dtype in KV_FORMATS and query.shape[2] % 8 == 0
+    usable = (query.dtype in KV_FORMATS and kv_cache.dtype in KV_FORMATS and query.shape[2] % 8 == 0
               and len(decodes) and load_kernel_library() is not None)
     if not usable:
         return torch_backend.paged_attention(query, kv_cache, metadata, scale, sliding_window, alibi_slopes,
                                              logits_soft_cap)
-    output = torch.empty_like(query)
-    decode_attention(output, query, kv_cache, metadata.block_table, metadata.query_start_np[decodes], decodes,
+    # The kernel computes in float32 (16-bit queries are widened: [T, H, D] is small next to
+    # the context it reads) and takes dense rows (queries rotated in place are QKV slices).
+    query32 = query.float().contiguous()
+    output = torch.empty_like(query32)
+    decode_attention(output, query32, kv_cache, metadata.block_table, metadata.query_start_np[decodes], decodes,
                      metadata.seq_lens_np[decodes], scale, sliding_window, alibi_slopes, logits_soft_cap)
+    output = output.to(query.dtype)
     torch_backend.attend_each(output, query, kv_cache, metadata, np.flatnonzero(metadata.query_lens_np != 1),
                               scale, sliding_window, alibi_slopes, logits_soft_cap)
     return output

@@ -1,12 +1,11 @@
-"""The C kernels for CPUs, built into one shared library on first use.
+"""The C kernels for CPUs, built into one shared library when an engine starts.
 
-Sources (SOURCES): paged decode attention and the KV writer (attention/), fused
-norm / activation / rotary and the small-batch GEMM (layers/). They are compiled
-once per machine with the system C compiler (~18 s on 2 cores, no torch
-headers: the kernels take raw pointers through ctypes) and cached under
-`$PAGEDLLM_CACHE_DIR/kernels`; without a compiler the callers use their PyTorch
-paths. OpenMP comes from the libgomp torch already loaded, so both share one
-thread pool.
+Sources (csrc/): paged decode attention, the KV writer, fused norm / activation /
+rotary and the small-batch GEMM. They are compiled once per machine with the
+system C compiler (~20 s on 2 cores, no torch headers: the kernels take raw
+pointers through ctypes) and cached under `$PAGEDLLM_CACHE_DIR/kernels`; without
+a compiler the callers use their PyTorch paths. OpenMP comes from the libgomp
+torch already loaded, so both share one thread pool.
 """
 
 from __future__ import annotations
@@ -16,35 +15,25 @@ import functools
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
 
 from pagedllm.config import cache_dir
+from pagedllm.platforms.cpu.isa import cpu_features
 
 logger = logging.getLogger(__name__)
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = tuple(os.path.join(_PACKAGE, *parts) for parts in (
-    ("attention", "cpu_decode_attention.c"), ("attention", "cpu_write_kv.c"), ("layers", "cpu_fused_ops.c"),
-    ("layers", "cpu_small_gemm.c")))
+_SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+SOURCES = tuple(os.path.join(_SOURCE_DIR, name)
+                for name in ("decode_attention.c", "write_kv.c", "fused_ops.c", "small_gemm.c"))
 _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
 # Linked without -ffast-math: with it GCC (before 13) adds crtfastmath.o, whose
 # constructor turns on flush-to-zero / denormals-are-zero in the thread that
 # loads the library: torch's float results would change process-wide, and that
 # one thread of the pool would round differently from the others.
 _LINK_FLAGS = ["-shared", "-fopenmp"]
-
-
-def _cpu_signature() -> str:
-    """-march=native binaries are only valid on the CPU they were built for."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
 
 
 INT64, FLOAT = ctypes.c_int64, ctypes.c_float
@@ -75,12 +64,15 @@ def build_library(compiler: str, sources: Sequence[str], output: str, extra_flag
 
 @functools.cache
 def load_kernel_library() -> ctypes.CDLL | None:
-    """The compiled kernels, building them on first use; None if they cannot be built."""
+    """The compiled kernels, building them if this CPU has no cached build; None if
+    they cannot be built."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.warning("no C compiler found: the CPU kernels fall back to plain PyTorch")
         return None
-    digest = hashlib.sha256(" ".join([compiler, *_COMPILE_FLAGS, *_LINK_FLAGS, _cpu_signature()]).encode())
+    # -march=native binaries are only valid on CPUs with the same features.
+    digest = hashlib.sha256(" ".join([compiler, *_COMPILE_FLAGS, *_LINK_FLAGS, *sorted(cpu_features().flags)])
+                            .encode())
     try:
         for source in SOURCES:
             with open(source, "rb") as f:
@@ -90,6 +82,7 @@ def load_kernel_library() -> ctypes.CDLL | None:
         return None
     library = os.path.join(cache_dir(), "kernels", digest.hexdigest()[:16], "libpagedllm_cpu.so")
     if not os.path.isfile(library):
+        logger.info("building the CPU kernels for this CPU (once; cached in %s)", os.path.dirname(library))
         os.makedirs(os.path.dirname(library), exist_ok=True)
         with tempfile.TemporaryDirectory(dir=os.path.dirname(library)) as tmp:
             built = os.path.join(tmp, "lib.so")
@@ -100,7 +93,8 @@ def load_kernel_library() -> ctypes.CDLL | None:
             os.replace(built, library)  # atomic: concurrent builders never see a partial file
     lib = ctypes.CDLL(library)
     lib.paged_decode_attention.restype = ctypes.c_int
-    for name in ("rms_norm_f32", "add_rms_norm_f32", "silu_and_mul_f32", "rotary_f32", "small_gemm_f32",
-                 "write_kv"):
+    fused = [f"{op}_{suffix}" for op in ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary")
+             for suffix in ("f32", "bf16")]
+    for name in (*fused, "small_gemm_f32", "write_kv"):
         getattr(lib, name).restype = None
     return lib
