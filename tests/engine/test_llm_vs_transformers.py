@@ -143,7 +143,7 @@ def test_16_bit_kv_cache_picks_transformers_argmax_or_a_near_tie(llm_16_bit_kv, 
 
 
 def _assert_same_up_to_near_ties(hf_model, prompts: list[list[int]], got: list[list[int]],
-                                 expected: list[list[int]]) -> None:
+                                 expected: list[list[int]], near_tie: float = NEAR_TIE) -> None:
     """The token lists agree, or first differ where transformers' logits of the two tokens
     are within NEAR_TIE: 16-bit K/V, summed in another order by another kernel (a chunk
     of a prompt attends through the pool, a whole prompt in one pass), may flip a near-tie."""
@@ -153,7 +153,7 @@ def _assert_same_up_to_near_ties(hf_model, prompts: list[list[int]], got: list[l
         first = next(i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b)
         with torch.no_grad():
             logits = hf_model(torch.tensor([prompt + reference[:first]])).logits[0, -1]
-        assert abs(float(logits[tokens[first]] - logits[reference[first]])) < NEAR_TIE, (first, tokens, reference)
+        assert abs(float(logits[tokens[first]] - logits[reference[first]])) < near_tie, (first, tokens, reference)
 
 
 def test_16_bit_kv_cache_tokens_do_not_depend_on_scheduling(llm_16_bit_kv, hf_smollm2, prompts):
@@ -165,3 +165,30 @@ def test_16_bit_kv_cache_tokens_do_not_depend_on_scheduling(llm_16_bit_kv, hf_sm
         assert llm_16_bit_kv.llm_engine.engine_core.scheduler.num_preemptions_total > 0
     finally:
         llm_16_bit_kv.llm_engine.engine_core.scheduler = old
+
+
+# A bfloat16 model rounds every activation to 8 significant bits: its choices are checked
+# against transformers' float32 logits along its own tokens, with this much slack.
+BFLOAT16_NEAR_TIE = 0.5
+
+
+@pytest.fixture(scope="module")
+def llm_bfloat16():
+    return LLM(dtype="bfloat16", max_model_len=256, num_kv_blocks=256, block_size=16)
+
+
+def test_bfloat16_model_picks_float32_argmax_or_a_near_tie(llm_bfloat16, hf_smollm2, prompts):
+    """The CPU platform's bfloat16 path end to end: fused kernels, packed oneDNN weights with
+    bucketed rows, decode attention from a bfloat16 pool."""
+    gaps = [_largest_logit_gap(hf_smollm2, ids, tokens)
+            for ids, tokens in zip(prompts, _greedy(llm_bfloat16, prompts))]
+    assert max(gaps) < BFLOAT16_NEAR_TIE, gaps
+
+
+def test_bfloat16_tokens_depend_on_batching_only_at_near_ties(llm_bfloat16, hf_smollm2, prompts):
+    """oneDNN picks its bfloat16 matmul kernel by row count (AVX512-BF16 for a few rows, AMX
+    tiles for more), and they sum in different orders: a row can round differently in
+    another batch (docs/design.md). float32 is the batch-exact path."""
+    batched = _greedy(llm_bfloat16, prompts)
+    alone = [_greedy(llm_bfloat16, [ids])[0] for ids in prompts]
+    _assert_same_up_to_near_ties(hf_smollm2, prompts, alone, batched, BFLOAT16_NEAR_TIE)

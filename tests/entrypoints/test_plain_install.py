@@ -112,7 +112,7 @@ def _assert_no_extra(venv: Path, tmp_path: Path, env: dict[str, str]) -> None:
     bench = subprocess.run([pagedllm, "bench", "plot", "a.json", "--png", "b.png"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)
     assert (bench.returncode, bench.stdout) == (1, "")
-    assert bench.stderr == ("error: matplotlib is not installed; the benchmarks need the bench extra: "
+    assert bench.stderr == ("error: matplotlib is not installed, and the benchmarks need it: "
                             "pip install 'pagedllm[bench]'\n")
 
 
