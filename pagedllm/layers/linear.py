@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pagedllm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
+from pagedllm.layers.quantization import place_rows
 from pagedllm.platforms import current_platform
 
 
@@ -69,7 +70,22 @@ def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
     param.data.copy_(loaded)
 
 
-class ReplicatedLinear(nn.Module):
+class LinearBase(nn.Module):
+    """weight [out, in] (a float parameter, or a QuantizedWeight once quantized rows
+    were loaded: layers/quantization.py), bias [out] or None, self.linear the matmul."""
+
+    def _load_rows(self, param: nn.Parameter, first_row: int, rows: int, loaded: torch.Tensor, name: str) -> None:
+        """Output rows [first_row, first_row + rows) of the weight or bias come from loaded."""
+        if param.dim() == 1:  # a bias: always float
+            _copy_checked(param.data.narrow(0, first_row, rows), loaded, name)
+        else:
+            place_rows(self, param, first_row, rows, loaded, name)
+
+    def use_quantized(self, kernels) -> None:
+        self.linear = kernels.linear
+
+
+class ReplicatedLinear(LinearBase):
     """Every rank holds the whole weight."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -79,13 +95,13 @@ class ReplicatedLinear(nn.Module):
         self.linear = linear_method()
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        _copy_checked(param, loaded, type(self).__name__)
+        self._load_rows(param, 0, param.shape[0], loaded, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x, self.weight, self.bias)
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(LinearBase):
     """Output features split across ranks: rank r computes rows [r*n, (r+1)*n).
     out_per_rank overrides n for subclasses whose split is not even."""
 
@@ -100,7 +116,7 @@ class ColumnParallelLinear(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         size = param.shape[0]
-        _copy_checked(param, loaded.narrow(0, self.tp_rank * size, size), type(self).__name__)
+        self._load_rows(param, 0, size, loaded.narrow(0, self.tp_rank * size, size), type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x, self.weight, self.bias)
@@ -119,8 +135,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             return super().weight_loader(param, loaded)
         shard = divide(self.output_sizes[shard_id], self.tp_size)
         offset = sum(divide(size, self.tp_size) for size in self.output_sizes[:shard_id])
-        _copy_checked(param.data.narrow(0, offset, shard), loaded.narrow(0, self.tp_rank * shard, shard),
-                      f"{type(self).__name__}[{shard_id}]")
+        self._load_rows(param, offset, shard, loaded.narrow(0, self.tp_rank * shard, shard),
+                        f"{type(self).__name__}[{shard_id}]")
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -150,11 +166,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
             size, start = self.kv_size, self.heads.kv_start * self.head_dim
-        _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, start, size),
-                      f"{type(self).__name__}[{shard_id}]")
+        self._load_rows(param, offset, size, loaded.narrow(0, start, size), f"{type(self).__name__}[{shard_id}]")
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial outputs are summed (one all-reduce).
     input_shard = (start, size) of this rank's input features when the split is not
     even (the attention output of a rank's heads)."""
@@ -172,7 +187,8 @@ class RowParallelLinear(nn.Module):
         self.linear = linear_method()
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        _copy_checked(param, loaded.narrow(1, self.in_start, self.in_per_rank), type(self).__name__)
+        self._load_rows(param, 0, param.shape[0], loaded.narrow(1, self.in_start, self.in_per_rank),
+                        type(self).__name__)
 
     def _bias_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         _copy_checked(param, loaded, type(self).__name__)

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pagedllm.config import cache_dir
+from pagedllm.layers.quantization import GGUF_FORMATS, QuantizedTensor
 from pagedllm.loader.tokenizer import load_tokenizer_folder
 
 if TYPE_CHECKING:
@@ -37,8 +38,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Bump when gguf_hf_config's output changes, so configs cached by older code are not reused.
-_CACHE_VERSION = 2
+# Bump when gguf_hf_config's or _tensor_index's output changes, so caches of older code are not reused.
+_CACHE_VERSION = 3
 # Dequantized weights are cached (float32 safetensors, memory-mapped on load) for
 # models up to this many bytes: re-parsing and dequantizing costs seconds per start.
 _WEIGHT_CACHE_MAX_BYTES = int(float(os.environ.get("PAGEDLLM_GGUF_WEIGHT_CACHE_GIB", "2")) * 2**30)
@@ -258,12 +259,17 @@ def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, rope_theta: float, 
 # --- weights ------------------------------------------------------------------------------
 
 
-def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF parameter name, float32 tensor in HF shape) for every tensor, one at a time.
+def iter_gguf_weights(path: str, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """Yield (HF parameter name, tensor in HF shape) for every tensor, one at a time.
 
     Linear weights come out as [out_features, in_features], norms and biases as [n].
-    Small models come from the dequantized cache after the first load.
+    quantized: matrices of a type in GGUF_FORMATS come as QuantizedTensor (views of the
+    memory-mapped file), the rest dequantized; else everything as float32, small models
+    from the dequantized cache after the first load.
     """
+    if quantized:
+        yield from _quantized_weights(path)
+        return
     cache_file = os.path.join(_cache_dir(path), "weights-float32.safetensors")
     if os.path.isfile(cache_file):
         with safe_open(cache_file, framework="pt") as f:
@@ -279,6 +285,102 @@ def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, weight
     if num_bytes <= _WEIGHT_CACHE_MAX_BYTES:
         _write_weight_cache(cached, cache_file)
+
+
+def _quantized_weights(path: str) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """The file is mapped copy-on-write (pages are read from the file when touched and
+    never written back), so a quantized weight costs its bytes in the page cache and
+    nothing more: the float model is never built."""
+    index = _tensor_index(path)
+    spec = _ARCHS[index["architecture"]]
+    file = np.memmap(path, dtype=np.uint8, mode="c")
+    kept: dict[str, int] = {}
+    dequantized: dict[str, int] = {}
+    for entry in index["tensors"]:
+        name, rows, cols = entry["name"], entry["rows"], entry["cols"]
+        raw = torch.from_numpy(file[entry["offset"]:entry["offset"] + entry["bytes"]].reshape(rows, -1))
+        fmt = GGUF_FORMATS.get(entry["type"])
+        if fmt is not None and entry["matrix"]:
+            kept[fmt.name] = kept.get(fmt.name, 0) + 1
+            weight = QuantizedTensor(raw, fmt, cols)
+            if spec.permute_qk and entry["heads"]:
+                weight = QuantizedTensor(raw[_unpermuted_row_order(rows, entry["heads"])], fmt, cols)
+            yield name, weight
+            continue
+        dequantized[entry["type_name"]] = dequantized.get(entry["type_name"], 0) + 1
+        values = _dequantize_raw(raw.numpy(), entry, path)
+        weight = torch.from_numpy(values).reshape(entry["shape"])
+        if spec.permute_qk and entry["heads"]:
+            weight = _unpermute_rotary_rows(weight, entry["heads"])
+        if spec.norm_offset and entry["gguf_name"].endswith("norm.weight"):
+            weight = weight - 1
+        yield name, weight
+    logger.info("GGUF weights kept quantized: %s; dequantized to float: %s",
+                ", ".join(f"{n} {t}" for t, n in sorted(kept.items())) or "none",
+                ", ".join(f"{n} {t}" for t, n in sorted(dequantized.items())) or "none")
+
+
+def _dequantize_raw(raw: np.ndarray, entry: dict[str, Any], path: str) -> np.ndarray:
+    if entry["type_name"] == "F32":  # norms and biases: no need to import gguf
+        return np.array(raw.view(np.float32))
+    import gguf
+
+    try:
+        return np.array(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(entry["type"])), dtype=np.float32)
+    except NotImplementedError as e:
+        raise ValueError(f"{path}: tensor {entry['gguf_name']} is {entry['type_name']}, "
+                         "which gguf cannot dequantize") from e
+
+
+def _unpermuted_row_order(rows: int, num_heads: int) -> torch.Tensor:
+    """The row order _unpermute_rotary_rows gives, as indices (for matrices kept quantized)."""
+    return _unpermute_rotary_rows(torch.arange(rows), num_heads)
+
+
+def _tensor_index(path: str) -> dict[str, Any]:
+    """Where each tensor lies in the file and what it is, cached beside the config
+    (parsing the header with gguf.GGUFReader walks every vocabulary string: ~2.8 s
+    for SmolLM2's 49k)."""
+    cache_file = os.path.join(_cache_dir(path), "tensors.json")
+    if os.path.isfile(cache_file):
+        with open(cache_file, encoding="utf-8") as f:
+            return json.load(f)
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    arch = _architecture(reader, path)
+    spec = _ARCHS[arch]
+    heads = _field(reader, f"{arch}.attention.head_count")
+    kv_heads = _field(reader, f"{arch}.attention.head_count_kv", heads)
+    tensors = []
+    for tensor in reader.tensors:
+        if tensor.name == _ROPE_FREQS:  # folded into the config's rope_scaling
+            continue
+        shape = [int(n) for n in reversed(tensor.shape.tolist())]  # GGUF lists the fastest dimension first
+        rotary_heads = heads if ".attn_q." in tensor.name else kv_heads if ".attn_k." in tensor.name else None
+        tensors.append({
+            "name": _hf_name(tensor.name, spec, path),
+            "gguf_name": tensor.name,
+            "type": int(tensor.tensor_type),
+            "type_name": tensor.tensor_type.name,
+            "shape": shape,
+            "rows": int(np.prod(shape[:-1])) if len(shape) > 1 else 1,
+            "cols": shape[-1],
+            "matrix": len(shape) == 2,
+            "heads": rotary_heads,
+            "offset": int(tensor.data_offset),
+            "bytes": int(tensor.n_bytes),
+        })
+    index = {"architecture": arch, "tensors": tensors}
+    try:
+        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+        tmp = f"{cache_file}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(index, f)
+        os.replace(tmp, cache_file)
+    except OSError as e:
+        logger.warning("could not cache the GGUF tensor index in %s: %s", cache_file, e)
+    return index
 
 
 def _write_weight_cache(weights: dict[str, torch.Tensor], cache_file: str) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pagedllm.config import ModelConfig
+from pagedllm.layers.quantization import finalize_quantized_weights
 from pagedllm.models.registry import get_model_class
 from pagedllm.models.utils import config_with
 from pagedllm.platforms import get_platform
@@ -17,7 +18,7 @@ def iter_checkpoint(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tens
     if model_config.is_gguf:
         from pagedllm.loader.gguf_loader import iter_gguf_weights
 
-        return iter_gguf_weights(model_config.path)
+        return iter_gguf_weights(model_config.path, quantized=model_config.quantization == "gguf")
     from pagedllm.loader.hf_loader import iter_hf_weights
 
     return iter_hf_weights(model_config.path)
@@ -48,5 +49,7 @@ def load_model(model_config: ModelConfig) -> nn.Module:
     finally:
         torch.set_default_dtype(previous_dtype)
     model.load_weights(iter_checkpoint(model_config))
-    get_platform(model_config.device).process_weights_after_loading(model)
+    platform = get_platform(model_config.device)
+    finalize_quantized_weights(model, platform.quantized_kernels())
+    platform.process_weights_after_loading(model)
     return model.eval()

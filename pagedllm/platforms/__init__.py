@@ -49,6 +49,10 @@ class Platform:
 
         return F.linear
 
+    def quantized_kernels(self):
+        """Matmul and embedding lookup on GGUF-quantized weights (layers/quantization.py), or None."""
+        return None
+
     def describe(self) -> str:
         return self.device_type
 

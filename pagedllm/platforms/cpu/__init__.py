@@ -1,6 +1,7 @@
 """CPUs: C kernels built for this CPU when an engine starts (kernels.py, csrc/),
 paged decode attention reading the KV blocks in place (attention.py), fused
-elementwise ops and the small-batch GEMM (fused.py, linear.py), glibc malloc
+elementwise ops and the small-batch GEMM (fused.py, linear.py), matmuls on
+GGUF-quantized weights (quantized.py), glibc malloc
 settings (memory.py), and dtype 'auto' measured on this CPU (dtype.py, isa.py)."""
 
 from __future__ import annotations
@@ -61,6 +62,15 @@ class CpuPlatform(Platform):
         if dtype == torch.bfloat16:
             return onednn_bucketed_linear
         return super().linear(dtype)
+
+    @functools.cached_property
+    def _quantized_kernels(self):
+        from pagedllm.platforms.cpu.quantized import QuantizedKernels
+
+        return QuantizedKernels(self.kernels) if self.kernels is not None else None
+
+    def quantized_kernels(self):
+        return self._quantized_kernels
 
     def describe(self) -> str:
         return f"cpu: {self.features.describe()}"

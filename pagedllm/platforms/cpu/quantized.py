@@ -1,0 +1,97 @@
+"""GGUF-quantized weights on CPU (csrc/quantized_gemm.c): the matmul and the
+embedding lookup of layers holding a QuantizedWeight (layers/quantization.py).
+
+Few rows (decode steps of small batches): gguf_gemm streams the quantized blocks and
+dequantizes them tile by tile in L1, reading about a seventh of float32's bytes
+(Q4_1). Many rows (prefill, large batches): the matmul is bound by arithmetic, not
+bytes, so each weight is dequantized a slab of output rows at a time into a
+float32 scratch that stays cache-sized, and multiplied by oneDNN. Activations and
+results are float32; a 16-bit model's are cast on the way in and out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from pagedllm.layers.quantization import QuantizedTensor, QuantizedWeight
+from pagedllm.platforms.cpu.kernels import INT64, pointer
+from pagedllm.platforms.cpu.linear import float32_linear
+
+# Up to this many rows gguf_gemm, above it dequantized slabs + oneDNN. Measured on a 2-core
+# Zen 5 EPYC (AVX-512), Q4_1 / Q8_0, 576 -> 3072 and the 576 -> 49152 LM head: gguf_gemm
+# 1.3-3x faster at 1 row (the LM head: 2.5 / 1.5 ms against 7.9 / 6.7 ms), about even at
+# 16, slabs 1.2-2x faster from 24 rows on.
+QUANTIZED_GEMM_MAX_ROWS = 16
+# Values of one dequantized slab (16 MiB of float32): the LM head of a 49k vocabulary is
+# 7 slabs of 576-wide rows; an 8B model's 14336 x 4096 down projection 4 of 1024 rows.
+SLAB_VALUES = 4 << 20
+
+
+def _at(tensor: torch.Tensor, offset_bytes: int) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr() + offset_bytes)
+
+
+class QuantizedKernels:
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+        self._dense_linear = float32_linear(None)  # oneDNN's float32 matmul
+
+    def dequantize(self, tensor: QuantizedTensor, ids: torch.Tensor | None = None, first_row: int = 0,
+                   rows: int | None = None) -> torch.Tensor:
+        """Rows [first_row, first_row + rows) of tensor, or the rows given by ids
+        (int64 [n]), as float32 [n, cols]."""
+        data = tensor.data
+        count = len(ids) if ids is not None else (data.shape[0] - first_row if rows is None else rows)
+        out = torch.empty(count, tensor.cols, dtype=torch.float32)
+        status = self._lib.gguf_dequantize(pointer(out), _at(data, first_row * data.stride(0)), INT64(data.stride(0)),
+                                           INT64(tensor.format.ggml_type),
+                                           pointer(ids) if ids is not None else None, INT64(count),
+                                           INT64(tensor.cols))
+        if status != 0:
+            raise ValueError(f"gguf_dequantize cannot read a {tensor.format.name} matrix {tuple(tensor.shape)}")
+        return out
+
+    def linear(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., in] @ weight^T (+ bias) -> [..., weight.rows], in x's dtype."""
+        leading = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        bias = bias.float().contiguous() if bias is not None else None
+        rows = x2.shape[0]
+        y = torch.empty(rows, weight.rows, dtype=torch.float32)
+        for first, tensor in weight.segments:
+            segment_bias = bias[first:first + tensor.shape[0]] if bias is not None else None
+            if rows <= QUANTIZED_GEMM_MAX_ROWS:
+                self._gemm(y, first, x2, tensor, segment_bias)
+            else:
+                self._slab_gemm(y, first, x2, tensor, segment_bias)
+        return y.reshape(*leading, weight.rows).to(x.dtype)
+
+    def _gemm(self, y: torch.Tensor, first: int, x: torch.Tensor, tensor: QuantizedTensor,
+              bias: torch.Tensor | None) -> None:
+        data = tensor.data
+        status = self._lib.gguf_gemm(
+            _at(y, first * y.element_size()), INT64(y.stride(0)), pointer(x), INT64(x.stride(0)), pointer(data),
+            INT64(data.stride(0)), INT64(tensor.format.ggml_type), pointer(bias) if bias is not None else None,
+            INT64(x.shape[0]), INT64(tensor.cols), INT64(data.shape[0]))
+        if status != 0:
+            raise RuntimeError(f"gguf_gemm failed ({status}) on a {tensor.format.name} matrix {tuple(tensor.shape)}")
+
+    def _slab_gemm(self, y: torch.Tensor, first: int, x: torch.Tensor, tensor: QuantizedTensor,
+                   bias: torch.Tensor | None) -> None:
+        total = tensor.shape[0]
+        slab = max(8, SLAB_VALUES // tensor.cols)
+        for start in range(0, total, slab):
+            count = min(slab, total - start)
+            dense = self.dequantize(tensor, first_row=start, rows=count)
+            part = self._dense_linear(x, dense, bias[start:start + count] if bias is not None else None)
+            y[:, first + start:first + start + count] = part
+
+    def embedding(self, ids: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+        """ids [...] -> [..., in_features] in the model's dtype (one segment: an embedding is one tensor)."""
+        (_, tensor), = weight.segments
+        flat = ids.reshape(-1).to(torch.int64).contiguous()
+        return self.dequantize(tensor, flat).reshape(*ids.shape, tensor.cols).to(weight.dtype)

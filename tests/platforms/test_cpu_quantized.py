@@ -1,0 +1,129 @@
+"""GGUF-quantized weights on CPU (csrc/quantized_gemm.c via platforms/cpu/quantized.py)
+against gguf's own numpy dequantization: the dequantized values are exactly gguf's,
+and the matmul equals the float32 matmul on those values up to summation order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from pagedllm.layers.quantization import GGUF_FORMATS, QuantizedTensor, QuantizedWeight
+from pagedllm.platforms.cpu import CpuPlatform
+from pagedllm.platforms.cpu import quantized as cpu_quantized
+from pagedllm.platforms.cpu.fused import small_linear
+
+PLATFORM = CpuPlatform()
+KERNELS = PLATFORM.quantized_kernels()
+pytestmark = pytest.mark.skipif(KERNELS is None, reason="the CPU kernels could not be built (no C compiler)")
+FORMATS = sorted(GGUF_FORMATS.values(), key=lambda fmt: fmt.ggml_type)
+
+
+def _quantized(fmt, rows: int, cols: int, seed: int) -> tuple[QuantizedTensor, torch.Tensor]:
+    """A random matrix quantized by gguf's writer, and gguf's dequantization of it (float32)."""
+    values = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    values[0, :32] = 0.0  # a block of zeros: scale 0
+    values[-1, -32:] = 1e-3  # a constant block: every value equal
+    blocks = quantize(values, GGMLQuantizationType(fmt.ggml_type))
+    reference = torch.from_numpy(np.array(dequantize(blocks, GGMLQuantizationType(fmt.ggml_type)), np.float32))
+    return QuantizedTensor(torch.from_numpy(blocks), fmt, cols), reference
+
+
+def _weight(*segments: QuantizedTensor) -> QuantizedWeight:
+    rows = sum(tensor.shape[0] for tensor in segments)
+    weight = QuantizedWeight(rows, segments[0].cols, torch.float32)
+    first = 0
+    for tensor in segments:
+        weight.place(first, tensor)
+        first += tensor.shape[0]
+    weight.finalize("test", padded=False)
+    return weight
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda fmt: fmt.name)
+def test_dequantized_values_are_ggufs(fmt):
+    tensor, reference = _quantized(fmt, 37, 320, seed=fmt.ggml_type)
+    assert torch.equal(KERNELS.dequantize(tensor), reference)
+    ids = torch.tensor([36, 0, 5, 5, 17])
+    assert torch.equal(KERNELS.dequantize(tensor, ids), reference[ids])
+
+
+# 1..48 rows: gguf_gemm; 64 and 130: dequantized slabs through oneDNN.
+@pytest.mark.parametrize("rows", [1, 5, cpu_quantized.QUANTIZED_GEMM_MAX_ROWS, 64, 130])
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda fmt: fmt.name)
+def test_matmul_equals_float32_on_the_dequantized_weights(fmt, rows):
+    tensor, reference = _quantized(fmt, 203, 576, seed=rows + fmt.ggml_type)
+    x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
+    bias = torch.randn(203)
+    out = KERNELS.linear(x, _weight(tensor), bias)
+    assert out.shape == (rows, 203) and out.dtype == torch.float32
+    # float32 sums of 576 products in another order: relative error ~1e-6 of the row's magnitude
+    torch.testing.assert_close(out.double(), F.linear(x.double(), reference.double(), bias.double()),
+                               rtol=1e-5, atol=1e-4)
+    if rows <= cpu_quantized.QUANTIZED_GEMM_MAX_ROWS:
+        # the same float dot products as the float32 small GEMM, on the same values: bit for bit
+        assert torch.equal(out, small_linear(PLATFORM.kernels, x, reference, bias))
+
+
+@pytest.mark.parametrize("rows", [3, 100])
+def test_segments_of_different_formats_and_many_slabs(monkeypatch, rows):
+    """A fused layer whose pieces came in different formats (Q/K in one, V in another),
+    with slabs small enough that each segment takes several (and a short last one)."""
+    monkeypatch.setattr(cpu_quantized, "SLAB_VALUES", 64 * 40)
+    q4, reference_q4 = _quantized(GGUF_FORMATS[3], 100, 64, seed=1)
+    q8, reference_q8 = _quantized(GGUF_FORMATS[8], 27, 64, seed=2)
+    q4b, reference_q4b = _quantized(GGUF_FORMATS[3], 9, 64, seed=3)
+    weight = _weight(q4, q8, q4b)
+    assert [tensor.format.name for _, tensor in weight.segments] == ["Q4_1", "Q8_0", "Q4_1"]
+    x = torch.randn(rows, 64)
+    reference = torch.cat([reference_q4, reference_q8, reference_q4b])
+    torch.testing.assert_close(KERNELS.linear(x, weight).double(), x.double() @ reference.double().T,
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_neighbouring_segments_of_one_format_merge():
+    first, reference_first = _quantized(GGUF_FORMATS[2], 16, 64, seed=4)
+    second, reference_second = _quantized(GGUF_FORMATS[2], 8, 64, seed=5)
+    weight = _weight(first, second)
+    (start, merged), = weight.segments
+    assert start == 0 and merged.shape == (24, 64)
+    assert torch.equal(KERNELS.dequantize(merged), torch.cat([reference_first, reference_second]))
+
+
+def test_bfloat16_activations_come_back_in_bfloat16():
+    tensor, reference = _quantized(GGUF_FORMATS[8], 40, 96, seed=6)
+    x = torch.randn(4, 96).bfloat16()
+    out = KERNELS.linear(x, _weight(tensor))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, (x.float() @ reference.T).bfloat16())
+
+
+def test_embedding_lookup_returns_rows_in_the_model_dtype():
+    tensor, reference = _quantized(GGUF_FORMATS[8], 50, 64, seed=7)
+    weight = QuantizedWeight(50, 64, torch.bfloat16)
+    weight.place(0, tensor)
+    weight.finalize("embedding", padded=True)
+    ids = torch.tensor([[3, 49], [0, 3]])
+    out = KERNELS.embedding(ids, weight)
+    assert out.shape == (2, 2, 64) and out.dtype == torch.bfloat16
+    assert torch.equal(out, reference[ids].bfloat16())
+
+
+def test_a_column_split_must_fall_between_blocks():
+    tensor, reference = _quantized(GGUF_FORMATS[3], 4, 128, seed=8)
+    half = tensor.narrow(1, 64, 64)
+    assert half.shape == (4, 64)
+    assert torch.equal(KERNELS.dequantize(_weight(half).segments[0][1]), reference[:, 64:])
+    with pytest.raises(ValueError, match="Q4_1 weight splits only between its 32-value blocks"):
+        tensor.narrow(1, 48, 80)
+
+
+def test_unloaded_rows_are_an_error():
+    tensor, _ = _quantized(GGUF_FORMATS[8], 8, 32, seed=9)
+    weight = QuantizedWeight(16, 32, torch.float32)
+    weight.place(8, tensor)
+    with pytest.raises(ValueError, match=r"rows \[0, 8\) were never loaded"):
+        weight.finalize("layer", padded=False)
