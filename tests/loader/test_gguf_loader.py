@@ -143,6 +143,13 @@ def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
+def llama_cpp_unpermute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of llama_cpp_permute."""
+    return weights.reshape(n_head, weights.shape[0] // n_head // 2, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(
+        weights.shape
+    )
+
+
 def llama_cpp_llama3_factors(head_dim: int, theta: float, rope: dict) -> list[float]:
     """convert_hf_to_gguf's LlamaModel.generate_extra_tensors (rope_freqs), as a scalar loop."""
     factors = []
@@ -160,11 +167,13 @@ def llama_cpp_llama3_factors(head_dim: int, theta: float, rope: dict) -> list[fl
     return factors
 
 
-def write_like_llama_cpp(path: str, arch: str, config, model, yarn: dict = YARN_ROPE) -> dict[str, torch.Tensor]:
+def write_like_llama_cpp(path: str, arch: str, config, model, yarn: dict = YARN_ROPE,
+                         formats: dict[str, gguf.GGMLQuantizationType] | None = None) -> dict[str, torch.Tensor]:
     """Write `model` as convert_hf_to_gguf would; return what the file holds, in HF names and layout.
 
     token_embd is Q8_0 and one MLP weight F16, to go through real dequantization. qwen2 has
-    the `yarn` rope scaling.
+    the `yarn` rope scaling. formats: llama.cpp leaf name (attn_q, ffn_down, output, ...) ->
+    the block type its matrices are stored in instead.
     """
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(config.num_hidden_layers)
@@ -219,7 +228,15 @@ def write_like_llama_cpp(path: str, arch: str, config, model, yarn: dict = YARN_
             data = llama_cpp_permute(data, config.num_key_value_heads)
         if arch.startswith("gemma") and gguf_name.endswith("norm.weight"):
             data = data + 1
-        if gguf_name == "token_embd.weight":
+        leaf = gguf_name.split(".")[-2]
+        if formats and leaf in formats and data.ndim == 2:
+            quantized = gguf.quants.quantize(data, formats[leaf])
+            writer.add_tensor(gguf_name, quantized, raw_dtype=formats[leaf])
+            tensor = torch.from_numpy(gguf.quants.dequantize(quantized, formats[leaf]))
+            if arch == "llama" and leaf in ("attn_q", "attn_k"):  # what the loader hands the model: HF row order
+                heads = config.num_attention_heads if leaf == "attn_q" else config.num_key_value_heads
+                tensor = torch.from_numpy(llama_cpp_unpermute(tensor.numpy(), heads))
+        elif gguf_name == "token_embd.weight":
             quantized = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(gguf_name, quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             tensor = torch.from_numpy(gguf.quants.dequantize(quantized, gguf.GGMLQuantizationType.Q8_0))
@@ -314,3 +331,80 @@ def test_unknown_architecture_is_rejected(tmp_path):
         gguf_hf_config(path)
     with pytest.raises(ValueError, match="not supported"):
         next(iter_gguf_weights(path))
+
+
+# --- quantized execution (quantization="gguf") ----------------------------------------------
+
+Q = gguf.GGMLQuantizationType
+# A different block type for each piece of the fused layers, so that QKV and gate/up hold
+# segments of several formats; the embedding (tied in llama, so also the LM head) Q8_0.
+QUANTIZED_FORMATS = {
+    "attn_q": Q.Q4_0, "attn_k": Q.Q5_1, "attn_v": Q.Q8_0, "attn_output": Q.Q4_1, "ffn_gate": Q.Q5_0,
+    "ffn_up": Q.Q4_1, "ffn_down": Q.Q5_0, "token_embd": Q.Q8_0, "output": Q.Q4_0,
+}  # fmt: skip
+
+
+def _quantized_case(arch: str, tmp_path, **overrides) -> tuple[str, torch.nn.Module]:
+    """A tiny model written with QUANTIZED_FORMATS, and transformers' model holding what the file holds."""
+    base = CASES[arch]
+    config = type(base)(**{**base.to_dict(), **overrides}) if overrides else base
+    model = random_model(config)
+    path = str(tmp_path / f"tiny-{arch}-quantized.gguf")
+    model.load_state_dict(write_like_llama_cpp(path, arch, config, model, formats=QUANTIZED_FORMATS), strict=False)
+    return path, model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_quantized_matrices_reach_the_model_as_the_files_blocks(arch, tmp_path):
+    from pagedllm.layers.quantization import QuantizedTensor
+
+    path, model = _quantized_case(arch, tmp_path)
+    reference = model.state_dict()
+    weights = dict(iter_gguf_weights(path, quantized=True))
+    quantized = {name: w for name, w in weights.items() if isinstance(w, QuantizedTensor)}
+    # every matrix (the F16 ffn_up of layer 0 included: the formats override it), nothing else
+    assert set(quantized) == {name for name, w in reference.items() if w.dim() == 2 and name in weights}
+    for name, tensor in quantized.items():
+        values = gguf.quants.dequantize(tensor.data.numpy(), Q(tensor.format.ggml_type))
+        torch.testing.assert_close(torch.from_numpy(values), reference[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_quantized_gguf_generates_as_transformers_on_the_dequantized_weights(arch, tmp_path):
+    """llama: Q/K rows un-permuted as blocks, a tied Q8_0 head; qwen2: QKV biases, YaRN, an untied Q4_0 head."""
+    from pagedllm import LLM
+    from tests.models.helpers import BLOCK_SIZE, MAX_BATCHED_TOKENS, assert_matches_reference
+
+    path, model = _quantized_case(arch, tmp_path)
+    llm = LLM(path, quantization="gguf", num_kv_blocks=128, block_size=BLOCK_SIZE,
+              max_num_batched_tokens=MAX_BATCHED_TOKENS, skip_tokenizer_init=True)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 96, (n,), generator=generator).tolist() for n in (1, 9, 40)]
+    assert_matches_reference(llm, model, prompts, num_steps=12)
+
+
+def test_quantized_gguf_splits_over_two_ranks(tmp_path):
+    """Tensor parallel: o_proj and down_proj split their input features between blocks."""
+    from pagedllm import LLM
+    from tests.models.helpers import BLOCK_SIZE, MAX_BATCHED_TOKENS, assert_matches_reference
+
+    path, model = _quantized_case("llama", tmp_path, intermediate_size=128)
+    llm = LLM(path, quantization="gguf", num_kv_blocks=128, block_size=BLOCK_SIZE,
+              max_num_batched_tokens=MAX_BATCHED_TOKENS, skip_tokenizer_init=True, tensor_parallel_size=2)
+    assert_matches_reference(llm, model, [[5, 6, 7, 8, 9, 10, 11], [40]], num_steps=8)
+
+
+def test_quantization_needs_a_gguf_file_and_names_what_it_cannot_run(tmp_path):
+    from pagedllm import LLM
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    config = CASES["llama"].to_dict()
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantization='gguf' runs the quantized weights of a .gguf file"):
+        LLM(str(folder), quantization="gguf", skip_tokenizer_init=True)
+    with pytest.raises(ValueError, match=r"quantization must be one of gguf \(or None\), got 'awq'"):
+        LLM(str(folder), quantization="awq", skip_tokenizer_init=True)
+    (folder / "config.json").write_text(json.dumps(dict(config, quantization_config={"quant_method": "gptq"})))
+    with pytest.raises(ValueError, match="quantization_config \\(quant_method 'gptq'\\)"):
+        LLM(str(folder), skip_tokenizer_init=True)
