@@ -95,10 +95,12 @@ def run_throughput(requests: list[BenchRequest], structured_share: float = 0.0,
     elapsed = time.time() - ready
     prompt_tokens, output_tokens = num_prompt_tokens(requests), sum(generated)
     dtype, kv_dtype = engine.config.model.dtype, engine.config.cache.kv_dtype(engine.config.model.dtype)
-    label = f"pagedllm {dtype}" + (f", KV {kv_dtype}" if kv_dtype != dtype else "")
+    quantization = engine.config.model.quantization
+    label = (f"pagedllm {dtype}" + (f", KV {kv_dtype}" if kv_dtype != dtype else "")
+             + (f", {quantization} quantized" if quantization else ""))
     return {
         "label": label + (f", structured {structured_share:g}" if constrained else ""), "backend": "pagedllm",
-        "model": engine.config.model.path, "dtype": dtype, "kv_cache_dtype": kv_dtype,
+        "model": engine.config.model.path, "dtype": dtype, "kv_cache_dtype": kv_dtype, "quantization": quantization,
         "device": engine.config.model.device, "num_requests": len(requests),
         "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
         "requested_output_tokens": num_output_tokens(requests), "num_steps": num_steps,
@@ -146,8 +148,9 @@ def _cmd_throughput(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {e}") from e
     add_run_info(args, result)
     finish_report(args, result, "pagedllm offline throughput", [
-        ("Model / dtype / KV dtype",
-         f"{result['model'].rsplit('/', 1)[-1]} / {result['dtype']} / {result['kv_cache_dtype']}"),
+        ("Model / dtype / KV dtype / quantization",
+         f"{result['model'].rsplit('/', 1)[-1]} / {result['dtype']} / {result['kv_cache_dtype']} / "
+         f"{result['quantization'] or 'none'}"),
         ("Requests", result["num_requests"]), ("Prompt tokens", result["prompt_tokens"]),
         ("Structured share (requests)",
          f"{result['structured_share']:g} ({result['num_structured_requests']})"),

@@ -21,7 +21,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="weights/activations dtype; auto = checkpoint dtype, 16-bit runs as bfloat16 on "
                             "CUDA and on CPUs with native bfloat16, else float32")
     group.add_argument("-q", "--quantization", default=None, choices=QUANTIZATIONS,
-                       help="gguf: run a .gguf file's quantized matrices (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) without "
+                       help="gguf: run a .gguf file's quantized matrices (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) without "
                             "dequantizing them (CPU; other types are dequantized); default: dequantize at load")
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     group.add_argument("--max-model-len", type=int, default=None,

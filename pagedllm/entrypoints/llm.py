@@ -31,7 +31,8 @@ class LLM:
     skip_tokenizer_init: load no tokenizer (for a folder without one): prompts must
         be token ids, outputs have token_ids and empty text.
     quantization: None (weights as float) | "gguf": a .gguf file's Q4_0/Q4_1/Q5_0/
-        Q5_1/Q8_0 matrices stay quantized and run through quantized kernels (CPU).
+        Q5_1/Q8_0/Q4_K/Q5_K/Q6_K matrices stay quantized and run through quantized
+        kernels (CPU).
     Other arguments: see EngineConfig.create.
     """
 

@@ -35,6 +35,9 @@ GGUF_FORMATS = {fmt.ggml_type: fmt for fmt in (
     BlockFormat("Q5_0", 6, 32, 22),
     BlockFormat("Q5_1", 7, 32, 24),
     BlockFormat("Q8_0", 8, 32, 34),
+    BlockFormat("Q4_K", 12, 256, 144),
+    BlockFormat("Q5_K", 13, 256, 176),
+    BlockFormat("Q6_K", 14, 256, 210),
 )}
 
 

@@ -2,8 +2,8 @@
 embedding lookup of layers holding a QuantizedWeight (layers/quantization.py).
 
 Few rows (decode steps of small batches): gguf_gemm streams the quantized blocks and
-dequantizes them tile by tile in L1, reading about a seventh of float32's bytes
-(Q4_1). Many rows (prefill, large batches): the matmul is bound by arithmetic, not
+dequantizes them tile by tile in L1, reading a fifth (Q6_K) to a seventh (Q4_0) of
+float32's bytes. Many rows (prefill, large batches): the matmul is bound by arithmetic, not
 bytes, so each weight is dequantized a slab of output rows at a time into a
 float32 scratch that stays cache-sized, and multiplied by oneDNN. Activations and
 results are float32; a 16-bit model's are cast on the way in and out.

@@ -11,7 +11,14 @@
  *   Q5_1 [24]: d, m, 32 high bits, 16 bytes of low nibbles
  *   Q8_0 [34]: d, 32 int8
  * In the nibble types, byte j holds value j in its low and value j + 16 in its high
- * nibble. Types are named by their ggml type ids (GGMLQuantizationType).
+ * nibble. The K-quants group 256 values in a super-block of 8 (Q4_K, Q5_K) or 16 (Q6_K)
+ * sub-blocks, each with its own 6- or 8-bit scale (and 6-bit min):
+ *   Q4_K [144]: d, dmin, 12 bytes of packed scales / mins, 128 bytes of nibbles;
+ *               value = d * scale * q - dmin * min
+ *   Q5_K [176]: as Q4_K plus 32 bytes of fifth bits before the nibbles
+ *   Q6_K [210]: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales, d;
+ *               value = d * scale * (q - 32)
+ * Types are named by their ggml type ids (GGMLQuantizationType).
  *
  * The values computed are exactly those of gguf's reference dequantization (the
  * same float32 products); the matmul then runs small_gemm.c's float dot products
@@ -21,8 +28,9 @@
 
 #include "dots.h"
 
-enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8 };
+enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 #define BLOCK 32
+#define SUPER_BLOCK 256
 
 static inline float half_at(const uint8_t *p) {
     _Float16 h; /* F16C's vcvtph2ps where the CPU has it, else libgcc's exact conversion */
@@ -43,7 +51,78 @@ static int64_t block_bytes(int64_t type) {
     case Q5_0: return 22;
     case Q5_1: return 24;
     case Q8_0: return 34;
+    case Q4_K: return 144;
+    case Q5_K: return 176;
+    case Q6_K: return 210;
     default: return 0;
+    }
+}
+
+static int64_t block_values(int64_t type) { return type >= Q4_K ? SUPER_BLOCK : BLOCK; }
+
+/* Whether rows of `in` values of this type take row_bytes: whole blocks of a known type. */
+static int valid_rows(int64_t type, int64_t row_bytes, int64_t in) {
+    return block_bytes(type) != 0 && in % block_values(type) == 0 && row_bytes == in / block_values(type) * block_bytes(type);
+}
+
+/* The dequantizers below compute each value with gguf's roundings: separate products
+ * and sums, no fused multiply-add. */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+/* Scale and min of sub-block j of a Q4_K / Q5_K super-block (ggml's get_scale_min_k4). */
+static inline void scale_min_k4(int j, const uint8_t *q, float *scale, float *min) {
+    if (j < 4) {
+        *scale = q[j] & 63;
+        *min = q[j + 4] & 63;
+    } else {
+        *scale = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *min = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* One K-quant super-block of 256 values into out, in gguf's order of operations. */
+static void dequantize_k_block(float *restrict out, const uint8_t *restrict blk, int64_t type) {
+    if (type == Q6_K) {
+        const uint8_t *ql = blk, *qh = blk + 128;
+        const int8_t *scales = (const int8_t *)(blk + 192);
+        const float d = half_at(blk + 208);
+        for (int half = 0; half < 2; ++half, ql += 64, qh += 32, scales += 8, out += 128) {
+            /* quarter k of the 128 values: nibbles of ql (low for k < 2) at byte offset 32 * (k & 1),
+             * high bits 2k of qh; each run of 16 values shares one scale */
+            for (int k = 0; k < 4; ++k) {
+                const uint8_t *low = ql + 32 * (k & 1);
+                const int nibble_shift = k < 2 ? 0 : 4, high_shift = 2 * k;
+                for (int g = 0; g < 2; ++g) {
+                    const float scale = d * scales[2 * k + g];
+                    for (int l = 16 * g; l < 16 * g + 16; ++l) {
+                        const int q = ((low[l] >> nibble_shift) & 0xF) | (((qh[l] >> high_shift) & 3) << 4);
+                        out[32 * k + l] = scale * (float)(q - 32);
+                    }
+                }
+            }
+        }
+        return;
+    }
+    /* Q4_K, Q5_K: 4 chunks of 32 nibble bytes; low nibbles are sub-block 2c, high 2c + 1 */
+    const float d = half_at(blk), dmin = half_at(blk + 2);
+    const uint8_t *scales = blk + 4, *qh = blk + 16;
+    const uint8_t *qs = type == Q5_K ? blk + 48 : blk + 16;
+    for (int chunk = 0; chunk < 4; ++chunk, qs += 32, out += 64) {
+        float scale, min;
+        scale_min_k4(2 * chunk, scales, &scale, &min);
+        const float d1 = d * scale, m1 = dmin * min;
+        scale_min_k4(2 * chunk + 1, scales, &scale, &min);
+        const float d2 = d * scale, m2 = dmin * min;
+        for (int l = 0; l < 32; ++l) {
+            int low = qs[l] & 0xF, high = qs[l] >> 4;
+            if (type == Q5_K) {
+                low |= ((qh[l] >> (2 * chunk)) & 1) << 4;
+                high |= ((qh[l] >> (2 * chunk + 1)) & 1) << 4;
+            }
+            out[l] = d1 * (float)low - m1;
+            out[l + 32] = d2 * (float)high - m2;
+        }
     }
 }
 
@@ -90,9 +169,11 @@ static inline vec8 fifth_bits(uint32_t qh, int first) {
  * vector: nibble byte j (j = 0..15) gives values j and j + 16. Each value is
  * d * q (+ m) with q an exact small integer in float: the products stay separate
  * roundings (no fused multiply-add), as in the numpy reference. */
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
 static void dequantize_row(float *restrict out, const uint8_t *restrict row, int64_t type, int64_t in) {
+    if (type >= Q4_K) {
+        for (int64_t b = 0; b < in / SUPER_BLOCK; ++b) dequantize_k_block(out + b * SUPER_BLOCK, row + b * block_bytes(type), type);
+        return;
+    }
     const int64_t num_blocks = in / BLOCK;
     for (int64_t b = 0; b < num_blocks; ++b, out += BLOCK) {
         switch (type) {
@@ -150,7 +231,7 @@ static void dequantize_row(float *restrict out, const uint8_t *restrict row, int
  * Returns 0, or -1 for a type this file does not know. */
 int gguf_dequantize(float *restrict out, const uint8_t *restrict w, int64_t row_bytes, int64_t type,
                     const int64_t *restrict ids, int64_t rows, int64_t in) {
-    if (block_bytes(type) == 0 || in % BLOCK || row_bytes != in / BLOCK * block_bytes(type)) return -1;
+    if (!valid_rows(type, row_bytes, in)) return -1;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) dequantize_row(out + r * in, w + (ids ? ids[r] : r) * row_bytes, type, in);
     return 0;
@@ -165,7 +246,7 @@ int gguf_dequantize(float *restrict out, const uint8_t *restrict w, int64_t row_
 int gguf_gemm(float *restrict y, int64_t y_stride, const float *restrict x, int64_t x_stride,
               const uint8_t *restrict w, int64_t row_bytes, int64_t type, const float *restrict bias, int64_t rows,
               int64_t in, int64_t out) {
-    if (block_bytes(type) == 0 || in % BLOCK || row_bytes != in / BLOCK * block_bytes(type)) return -1;
+    if (!valid_rows(type, row_bytes, in)) return -1;
     const int64_t num_tiles = (out + WEIGHT_ROWS - 1) / WEIGHT_ROWS;
     int failed = 0;
 #pragma omp parallel
