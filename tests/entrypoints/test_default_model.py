@@ -58,3 +58,18 @@ def test_chat_answers_and_streams_the_same_text(client):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
     assert usage_counts(chunks[-1].usage) == usage_counts(full.usage)
+
+
+def test_serves_the_gguf_quantized(tmp_path_factory):
+    """`pagedllm serve --quantization gguf`: the embedded Q4_1 file's matrices run quantized."""
+    process = start_server(tmp_path_factory, ["--quantization", "gguf", "--max-model-len", "1024",
+                                              "--num-kv-blocks", "64"], "quantized-server")
+    try:
+        client = openai.OpenAI(base_url=f"{process.url}/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model=DEFAULT_MODEL_ALIAS, messages=QUESTION, max_tokens=12,
+                                                temperature=0)
+        assert "Paris" in answer.choices[0].message.content
+    finally:
+        assert process.stop() == 0
+    assert "GGUF weights kept quantized: 210 Q4_1, 1 Q8_0; dequantized to float: 61 F32" in process.log
+    assert "dtype auto -> float32: quantization='gguf' computes in float32" in process.log
