@@ -25,7 +25,11 @@ class VocabParallelEmbedding(nn.Module):
         self.rows_per_rank = -(-vocab_size // self.tp_size)
         self.vocab_start = self.tp_rank * self.rows_per_rank
         self.vocab_end = min(self.vocab_start + self.rows_per_rank, vocab_size)
-        self.weight = nn.Parameter(torch.zeros(self.rows_per_rank, hidden_size), requires_grad=False)
+        # Empty, not zeros: a quantized checkpoint never fills it (an 8B vocabulary's float32
+        # table is 2 GiB), and only the padding rows need a value
+        weight = torch.empty(self.rows_per_rank, hidden_size)
+        weight[max(0, self.vocab_end - self.vocab_start):].zero_()
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         self.lookup = F.embedding  # (ids [T], weight) -> [T, hidden]
 

@@ -73,9 +73,11 @@ class QuantizedWeight(nn.Module):
     """A layer's weight [out_features, in_features] as row segments of quantized blocks.
 
     Fused layers receive their pieces separately, possibly in different formats (a
-    Q4_K_M file stores V in another type than Q and K), so each piece is a segment
-    [first_row, first_row + rows); finalize() merges neighbours of the same format
-    into one block matrix. An nn.Module so that it can take a parameter's place."""
+    Q4_K_M file stores V in another type than Q and K), so each piece stays a segment
+    [first_row, first_row + rows) and the matmul runs once per segment. Segments are not
+    concatenated: they stay views of the mapped file, where a merged copy would hold
+    the layer twice (an 8B Q4_0 model peaked at 7.0 GiB with merged gate/up and QKV,
+    against its 4.2 GiB file). An nn.Module so that it can take a parameter's place."""
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -92,20 +94,17 @@ class QuantizedWeight(nn.Module):
 
     def finalize(self, name: str, padded: bool) -> None:
         """Checks every row is placed once (padded: a vocabulary's padding rows may stay
-        missing at the end, their logits are cut off), merges neighbouring segments of one
-        format and makes each a dense matrix (a column slice of a tensor-parallel rank is not)."""
-        merged: list[tuple[int, QuantizedTensor]] = []
-        for first, tensor in sorted(self.segments, key=lambda segment: segment[0]):
-            end = merged[-1][0] + merged[-1][1].shape[0] if merged else 0
+        missing at the end, their logits are cut off) and makes each segment a dense
+        matrix (a column slice of a tensor-parallel rank is not)."""
+        self.segments.sort(key=lambda segment: segment[0])
+        end = 0
+        for first, tensor in self.segments:
             if first != end:
-                raise ValueError(f"{name}: quantized rows [{end}, {first}) were never loaded")
-            if merged and merged[-1][1].format == tensor.format:
-                previous_first, previous = merged.pop()
-                tensor = QuantizedTensor(torch.cat([previous.data, tensor.data]), tensor.format, tensor.cols)
-                first = previous_first
-            merged.append((first, tensor))
+                raise ValueError(f"{name}: quantized rows [{min(first, end)}, {max(first, end)}) were "
+                                 f"{'never loaded' if first > end else 'loaded twice'}")
+            end = first + tensor.shape[0]
         self.segments = [(first, QuantizedTensor(tensor.data.contiguous(), tensor.format, tensor.cols))
-                         for first, tensor in merged]
+                         for first, tensor in self.segments]
         if not padded and self.rows != self.out_features:
             raise ValueError(f"{name}: quantized rows [{self.rows}, {self.out_features}) were never loaded")
 

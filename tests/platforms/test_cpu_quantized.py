@@ -105,19 +105,22 @@ def test_segments_of_different_formats_and_many_slabs(monkeypatch, rows):
     q8, reference_q8 = _quantized(GGUF_FORMATS[8], 27, 64, seed=2)
     q4b, reference_q4b = _quantized(GGUF_FORMATS[3], 9, 64, seed=3)
     weight = _weight(q4, q8, q4b)
-    assert [tensor.format.name for _, tensor in weight.segments] == ["Q4_1", "Q8_0", "Q4_1"]
+    assert [(first, tensor.format.name) for first, tensor in weight.segments] == [
+        (0, "Q4_1"), (100, "Q8_0"), (127, "Q4_1")]
     x = torch.randn(rows, 64)
     reference = torch.cat([reference_q4, reference_q8, reference_q4b])
     _assert_float32_sums_close(KERNELS.linear(x, weight), x, reference)
 
 
-def test_neighbouring_segments_of_one_format_merge():
+def test_segments_stay_views_of_their_blocks():
+    """No copy of a fused layer's pieces: they stay where the loader put them (the mapped file)."""
     first, reference_first = _quantized(GGUF_FORMATS[2], 16, 64, seed=4)
     second, reference_second = _quantized(GGUF_FORMATS[2], 8, 64, seed=5)
     weight = _weight(first, second)
-    (start, merged), = weight.segments
-    assert start == 0 and merged.shape == (24, 64)
-    assert torch.equal(KERNELS.dequantize(merged), torch.cat([reference_first, reference_second]))
+    assert [(start, tensor.data.data_ptr()) for start, tensor in weight.segments] == [
+        (0, first.data.data_ptr()), (16, second.data.data_ptr())]
+    x = torch.randn(2, 64)
+    _assert_float32_sums_close(KERNELS.linear(x, weight), x, torch.cat([reference_first, reference_second]))
 
 
 def test_bfloat16_activations_come_back_in_bfloat16():
@@ -148,9 +151,16 @@ def test_a_column_split_must_fall_between_blocks():
         tensor.narrow(1, 48, 80)
 
 
-def test_unloaded_rows_are_an_error():
+def test_unloaded_or_twice_loaded_rows_are_an_error():
     tensor, _ = _quantized(GGUF_FORMATS[8], 8, 32, seed=9)
     weight = QuantizedWeight(16, 32, torch.float32)
     weight.place(8, tensor)
     with pytest.raises(ValueError, match=r"rows \[0, 8\) were never loaded"):
+        weight.finalize("layer", padded=False)
+    weight = QuantizedWeight(16, 32, torch.float32)
+    weight.place(0, tensor)
+    with pytest.raises(ValueError, match=r"rows \[8, 16\) were never loaded"):
+        weight.finalize("layer", padded=False)
+    weight.place(4, tensor)
+    with pytest.raises(ValueError, match=r"rows \[4, 8\) were loaded twice"):
         weight.finalize("layer", padded=False)
