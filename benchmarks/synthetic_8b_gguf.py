@@ -3,8 +3,9 @@ does an 8B model load and generate on a 2-core, 24 GiB machine, in how much memo
 
 The file is written once to --path (4.3 GiB in Q4_0, 8.0 GiB in Q8_0; never committed)
 by the gguf package's writer, one tensor at a time, from random blocks whose float16
-scales are those of a trained weight (values of ~0.02). It has no vocabulary, so the
-engine runs with skip_tokenizer_init and token-id prompts. The engine runs in a child
+scales are those of a trained weight (values of ~0.02). Its vocabulary is placeholder
+strings (llama.cpp needs one: `llama-bench -m FILE -t 2 -p 16 -n 16` runs the same file),
+so the engine runs with skip_tokenizer_init and token-id prompts. The engine runs in a child
 process so that its peak RSS is its own; it reports load time, peak RSS, prefill time
 of the prompt and batch-1 decode tokens/s. Outputs are meaningless (random weights).
 
@@ -54,6 +55,11 @@ def write_model(path: str, qtype: str) -> None:
     writer.add_vocab_size(VOCAB)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+    # a placeholder vocabulary, so that llama.cpp (which needs one) runs the same file
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, VOCAB)])
+    writer.add_token_scores([0.0] * VOCAB)
+    writer.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * (VOCAB - 3))
     matrices = [("token_embd.weight", VOCAB, HIDDEN), ("output.weight", VOCAB, HIDDEN)]
     for i in range(LAYERS):
         matrices += [(f"blk.{i}.attn_q.weight", HIDDEN, HIDDEN), (f"blk.{i}.attn_k.weight", KV_HEADS * HEAD_DIM, HIDDEN),

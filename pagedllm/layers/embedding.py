@@ -72,7 +72,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.__dict__["tied_to"] = embedding
 
     def use_quantized(self, kernels) -> None:
-        self.linear = kernels.linear
+        self.linear = kernels.float_activations.linear
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = self.linear(hidden_states, self.weight, self.bias)

@@ -344,6 +344,13 @@ QUANTIZED_FORMATS = {
 }  # fmt: skip
 
 
+# Steps of <= 16 tokens multiply 32-value blocks by activations rounded to int8 per block, as
+# llama.cpp does: logprobs move by up to ~6e-3 on these tiny random models (measured), so they
+# are checked to 0.03, and a token may be any within 0.03 of transformers' best (a qwen2 prompt
+# took the other side of a near tie at its first step).
+INT8_ACTIVATIONS_LOGPROB_ATOL = 0.03
+
+
 def _quantized_case(arch: str, tmp_path, **overrides) -> tuple[str, torch.nn.Module]:
     """A tiny model written with QUANTIZED_FORMATS, and transformers' model holding what the file holds."""
     base = CASES[arch]
@@ -380,7 +387,8 @@ def test_quantized_gguf_generates_as_transformers_on_the_dequantized_weights(arc
               max_num_batched_tokens=MAX_BATCHED_TOKENS, skip_tokenizer_init=True)
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 96, (n,), generator=generator).tolist() for n in (1, 9, 40)]
-    assert_matches_reference(llm, model, prompts, num_steps=12)
+    assert_matches_reference(llm, model, prompts, num_steps=12, logprob_atol=INT8_ACTIVATIONS_LOGPROB_ATOL,
+                             near_tie=INT8_ACTIVATIONS_LOGPROB_ATOL)
 
 
 def test_quantized_gguf_splits_over_two_ranks(tmp_path):
@@ -391,7 +399,8 @@ def test_quantized_gguf_splits_over_two_ranks(tmp_path):
     path, model = _quantized_case("llama", tmp_path, intermediate_size=128)
     llm = LLM(path, quantization="gguf", num_kv_blocks=128, block_size=BLOCK_SIZE,
               max_num_batched_tokens=MAX_BATCHED_TOKENS, skip_tokenizer_init=True, tensor_parallel_size=2)
-    assert_matches_reference(llm, model, [[5, 6, 7, 8, 9, 10, 11], [40]], num_steps=8)
+    assert_matches_reference(llm, model, [[5, 6, 7, 8, 9, 10, 11], [40]], num_steps=8,
+                             logprob_atol=INT8_ACTIVATIONS_LOGPROB_ATOL, near_tie=INT8_ACTIVATIONS_LOGPROB_ATOL)
 
 
 def test_quantization_needs_a_gguf_file_and_names_what_it_cannot_run(tmp_path):

@@ -72,7 +72,8 @@ def hf_logits_fn(hf_model) -> Callable[[list[int]], torch.Tensor]:
 
 
 def assert_matches_reference(llm: LLM, reference: torch.nn.Module | Callable[[list[int]], torch.Tensor],
-                             prompts: list[list[int]], num_steps: int = NUM_STEPS) -> None:
+                             prompts: list[list[int]], num_steps: int = NUM_STEPS,
+                             logprob_atol: float = LOGPROB_ATOL, near_tie: float = 0.0) -> None:
     """Generate greedily with pagedllm (all prompts in one batch) and compare with
     the reference: a transformers model, or a function token ids -> logits.
 
@@ -80,7 +81,9 @@ def assert_matches_reference(llm: LLM, reference: torch.nn.Module | Callable[[li
     pagedllm's token must be its argmax, and pagedllm's top-5 logprobs must
     match its log-softmax. A transformers model must also produce the same
     tokens for the first prompt with its own greedy loop over its KV cache
-    (slow on CPU, and equivalent to the argmax check)."""
+    (slow on CPU, and equivalent to the argmax check). near_tie > 0 accepts, instead, any
+    token whose reference logprob is within near_tie of the best (kernels that round
+    their inputs, such as int8 activations, may take either side of a near tie)."""
     params = SamplingParams(temperature=0, max_tokens=num_steps, ignore_eos=True, logprobs=5)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     is_model = isinstance(reference, torch.nn.Module)
@@ -90,16 +93,20 @@ def assert_matches_reference(llm: LLM, reference: torch.nn.Module | Callable[[li
         where = f"prompt of {len(prompt)} tokens"
         assert len(tokens) == num_steps, where
         ref = torch.log_softmax(reference_logits(prompt + tokens), dim=-1)[len(prompt) - 1:-1]
-        _assert_same_tokens(tokens, ref.argmax(dim=-1).tolist(), where)
-        if is_model and i == 0:
-            _assert_same_tokens(tokens, hf_greedy(reference, prompt, num_steps), f"{where}, transformers greedy")
+        if near_tie:  # a token within near_tie of the reference's best is accepted
+            gaps = ref.max(dim=-1).values - ref[torch.arange(len(tokens)), torch.tensor(tokens)]
+            assert (gaps <= near_tie).all(), f"{where}: tokens {tokens}, logprob gaps to the argmax {gaps.tolist()}"
+        else:
+            _assert_same_tokens(tokens, ref.argmax(dim=-1).tolist(), where)
+            if is_model and i == 0:
+                _assert_same_tokens(tokens, hf_greedy(reference, prompt, num_steps), f"{where}, transformers greedy")
         for step, (token_logprobs, ref_step) in enumerate(zip(output.outputs[0].logprobs, ref)):
             top = sorted(token_logprobs.items(), key=lambda item: item[1].rank)
             ids = torch.tensor([token_id for token_id, _ in top])
             values = torch.tensor([lp.logprob for _, lp in top])
-            torch.testing.assert_close(values, ref_step[ids], atol=LOGPROB_ATOL, rtol=0,
+            torch.testing.assert_close(values, ref_step[ids], atol=logprob_atol, rtol=0,
                                        msg=lambda m: f"{where}, step {step}: {m}")
-            torch.testing.assert_close(values[:5], ref_step.topk(5).values, atol=LOGPROB_ATOL, rtol=0,
+            torch.testing.assert_close(values[:5], ref_step.topk(5).values, atol=logprob_atol, rtol=0,
                                        msg=lambda m: f"{where}, step {step}, top-5: {m}")
 
 

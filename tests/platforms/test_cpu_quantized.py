@@ -62,6 +62,12 @@ def _assert_float32_sums_close(out: torch.Tensor, x: torch.Tensor, weight: torch
     assert (error <= 1e-5 * magnitude + 1e-7).all(), (error / magnitude).max()
 
 
+def _as_multiplied(x: torch.Tensor) -> torch.Tensor:
+    """What the kernels multiply 32-value-block weights by: x itself through the dequantized
+    slabs (many rows), x rounded to int8 per block through gguf_gemm_int8 (few rows)."""
+    return _int8_rounded(x)[0] if x.shape[0] <= cpu_quantized.QUANTIZED_GEMM_MAX_ROWS else x
+
+
 def _weight(*segments: QuantizedTensor) -> QuantizedWeight:
     rows = sum(tensor.shape[0] for tensor in segments)
     weight = QuantizedWeight(rows, segments[0].cols, torch.float32)
@@ -81,7 +87,18 @@ def test_dequantized_values_are_ggufs(fmt):
     assert torch.equal(KERNELS.dequantize(tensor, ids), reference[ids])
 
 
-# 1..48 rows: gguf_gemm; 64 and 130: dequantized slabs through oneDNN.
+def _int8_rounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, in] as gguf_gemm_int8 rounds it: per 32 values dx = max|x| / 127, x ~ dx * xq
+    (float32, the kernel's operations) -> (dx * xq, dx [rows, in / 32])."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    dx = amax / 127.0
+    return (torch.round(blocks * inverse) * dx).reshape(x.shape), dx.squeeze(-1)
+
+
+# 1..16 rows: gguf_gemm_int8 (32-value blocks) or gguf_gemm (K-quants); 64 and 130:
+# dequantized slabs through oneDNN.
 @pytest.mark.parametrize("rows", [1, 5, cpu_quantized.QUANTIZED_GEMM_MAX_ROWS, 64, 130])
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda fmt: fmt.name)
 def test_matmul_equals_float32_on_the_dequantized_weights(fmt, rows):
@@ -90,10 +107,30 @@ def test_matmul_equals_float32_on_the_dequantized_weights(fmt, rows):
     bias = torch.randn(203)
     out = KERNELS.linear(x, _weight(tensor), bias)
     assert out.shape == (rows, 203) and out.dtype == torch.float32
-    _assert_float32_sums_close(out, x, reference, bias)
-    if rows <= cpu_quantized.QUANTIZED_GEMM_MAX_ROWS:
+    if rows > cpu_quantized.QUANTIZED_GEMM_MAX_ROWS:
+        _assert_float32_sums_close(out, x, reference, bias)
+    elif fmt.block_size == 256:
         # the same float dot products as the float32 small GEMM, on the same values: bit for bit
         assert torch.equal(out, small_linear(PLATFORM.kernels, x, reference, bias))
+    else:
+        # integer dot products: exactly the dequantized weights times the int8-rounded activations,
+        # up to float32 summation order...
+        rounded, dx = _int8_rounded(x)
+        _assert_float32_sums_close(out, rounded, reference, bias)
+        # ...which is the float product up to the rounding
+        _assert_within_int8_rounding(out, x, reference, bias)
+
+
+def _assert_within_int8_rounding(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                 bias: torch.Tensor | None = None, rtol: float = 0.0) -> None:
+    """out = x @ weight^T (+ bias) up to x's rounding to int8 per 32 values: |x - dx * xq| <=
+    dx / 2 per value, so the error is at most the sum over blocks of dx / 2 * sum |w| of the
+    block (rtol: out's own rounding, for 16-bit outputs)."""
+    _, dx = _int8_rounded(x.float())
+    block_sums = weight.abs().reshape(weight.shape[0], -1, 32).sum(-1)
+    bound = 0.5 * dx.double() @ block_sums.double().T
+    exact = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    assert ((out.double() - exact).abs() <= bound * 1.001 + rtol * exact.abs() + 1e-4).all()
 
 
 @pytest.mark.parametrize("rows", [3, 100])
@@ -109,7 +146,7 @@ def test_segments_of_different_formats_and_many_slabs(monkeypatch, rows):
         (0, "Q4_1"), (100, "Q8_0"), (127, "Q4_1")]
     x = torch.randn(rows, 64)
     reference = torch.cat([reference_q4, reference_q8, reference_q4b])
-    _assert_float32_sums_close(KERNELS.linear(x, weight), x, reference)
+    _assert_float32_sums_close(KERNELS.linear(x, weight), _as_multiplied(x), reference)
 
 
 def test_segments_stay_views_of_their_blocks():
@@ -120,7 +157,8 @@ def test_segments_stay_views_of_their_blocks():
     assert [(start, tensor.data.data_ptr()) for start, tensor in weight.segments] == [
         (0, first.data.data_ptr()), (16, second.data.data_ptr())]
     x = torch.randn(2, 64)
-    _assert_float32_sums_close(KERNELS.linear(x, weight), x, torch.cat([reference_first, reference_second]))
+    _assert_float32_sums_close(KERNELS.linear(x, weight), _as_multiplied(x),
+                               torch.cat([reference_first, reference_second]))
 
 
 def test_bfloat16_activations_come_back_in_bfloat16():
@@ -128,7 +166,7 @@ def test_bfloat16_activations_come_back_in_bfloat16():
     x = torch.randn(4, 96).bfloat16()
     out = KERNELS.linear(x, _weight(tensor))
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, (x.float() @ reference.T).bfloat16())
+    _assert_within_int8_rounding(out, x, reference, rtol=2**-8)
 
 
 def test_embedding_lookup_returns_rows_in_the_model_dtype():

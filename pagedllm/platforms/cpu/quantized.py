@@ -1,9 +1,11 @@
 """GGUF-quantized weights on CPU (csrc/quantized_gemm.c): the matmul and the
 embedding lookup of layers holding a QuantizedWeight (layers/quantization.py).
 
-Few rows (decode steps of small batches): gguf_gemm streams the quantized blocks and
-dequantizes them tile by tile in L1, reading a fifth (Q6_K) to a seventh (Q4_0) of
-float32's bytes. Many rows (prefill, large batches): the matmul is bound by arithmetic, not
+Few rows (decode steps of small batches) stream the quantized blocks, a fifth (Q6_K)
+to a seventh (Q4_0) of float32's bytes: gguf_gemm_int8 (csrc/quantized_dot.c) for the
+32-value block types, with the activations rounded to int8 per block as llama.cpp
+does and integer dot products, and gguf_gemm for the K-quants, which dequantizes
+tile by tile in L1 and multiplies in float32. Many rows (prefill, large batches): the matmul is bound by arithmetic, not
 bytes, so each weight is dequantized a slab of output rows at a time into a
 float32 scratch that stays cache-sized, and multiplied by oneDNN. Activations and
 results are float32; a 16-bit model's are cast on the way in and out.
@@ -12,6 +14,7 @@ results are float32; a 16-bit model's are cast on the way in and out.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -34,9 +37,15 @@ def _at(tensor: torch.Tensor, offset_bytes: int) -> ctypes.c_void_p:
 
 
 class QuantizedKernels:
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self, lib: ctypes.CDLL, int8_activations: bool = True) -> None:
         self._lib = lib
+        self._int8_activations = int8_activations
         self._dense_linear = float32_linear(None)  # oneDNN's float32 matmul
+
+    @functools.cached_property
+    def float_activations(self) -> QuantizedKernels:
+        """The same kernels without int8 activations (the LM head: logits feed sampling directly)."""
+        return QuantizedKernels(self._lib, int8_activations=False)
 
     def dequantize(self, tensor: QuantizedTensor, ids: torch.Tensor | None = None, first_row: int = 0,
                    rows: int | None = None) -> torch.Tensor:
@@ -73,7 +82,9 @@ class QuantizedKernels:
     def _gemm(self, y: torch.Tensor, first: int, x: torch.Tensor, tensor: QuantizedTensor,
               bias: torch.Tensor | None) -> None:
         data = tensor.data
-        status = self._lib.gguf_gemm(
+        int8 = self._int8_activations and tensor.format.block_size == 32
+        kernel = self._lib.gguf_gemm_int8 if int8 else self._lib.gguf_gemm
+        status = kernel(
             _at(y, first * y.element_size()), INT64(y.stride(0)), pointer(x), INT64(x.stride(0)), pointer(data),
             INT64(data.stride(0)), INT64(tensor.format.ggml_type), pointer(bias) if bias is not None else None,
             INT64(x.shape[0]), INT64(tensor.cols), INT64(data.shape[0]))

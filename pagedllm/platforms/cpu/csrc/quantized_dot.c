@@ -1,0 +1,167 @@
+/* y = x @ w^T (+ bias) for few rows of x and weights in 32-value GGUF blocks (Q4_0,
+ * Q4_1, Q5_0, Q5_1, Q8_0), with integer dot products: each row of x is quantized to
+ * int8 per 32 values (scale dx = max|x| / 127, as llama.cpp's q8 blocks), so a block
+ * pair costs one 32-wide integer dot product instead of widening 32 weights to float.
+ *
+ * For a weight block w = d * q + m (m = -8d for Q4_0, -16d for Q5_0, 0 for Q8_0) and
+ * an activation block x ~ dx * xq:
+ *     sum(w * x) ~ d * dx * sum(q * xq) + m * dx * sum(xq)
+ * The only error is the activations' rounding, |x - dx * xq| <= dx / 2 per value,
+ * so |error| <= sum over blocks of dx / 2 * sum(|w|) (tests check this bound).
+ * The integer sums are exact; q is unsigned (0..31; Q8_0's signs are moved onto xq),
+ * xq signed: AVX512-VNNI's vpdpbusd, or AVX2's vpmaddubsw + vpmaddwd (no overflow:
+ * 2 * 31 * 127 < 2^15; Q8_0: 2 * 128 * 127 < 2^15), or a portable loop.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "gguf_blocks.h"
+
+/* x [in] -> xq [in], scales dx [in / 32] and dx * sum(xq) [in / 32] per block. */
+static void quantize_row(int8_t *restrict xq, float *restrict dx, float *restrict dx_sum, const float *restrict x,
+                         int64_t in) {
+    for (int64_t b = 0; b < in / BLOCK; ++b, x += BLOCK, xq += BLOCK) {
+        float amax = 0.0f;
+        for (int j = 0; j < BLOCK; ++j) amax = fmaxf(amax, fabsf(x[j]));
+        const float d = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < BLOCK; ++j) {
+            const int q = (int)nearbyintf(x[j] * inverse);
+            xq[j] = (int8_t)q;
+            sum += q;
+        }
+        dx[b] = d;
+        dx_sum[b] = d * (float)sum;
+    }
+}
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+/* The 32 nibbles of 16 bytes as bytes, in value order: low nibbles are values 0..15. */
+static inline __m256i nibbles(const uint8_t *qs) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)qs);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(15));
+}
+
+/* 16 where bit j of the 32 bits at qh is set, for value j: the fifth bit of Q5 values. */
+static inline __m256i fifth_bits(const uint8_t *qh) {
+    /* byte j gets qh byte j / 8, then keeps only its bit j % 8 */
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)u32_at(qh)),
+                                               _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                                                 0x0101010101010101LL, 0));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    return _mm256_and_si256(set, _mm256_set1_epi8(16));
+}
+
+/* sum(u * s) over 32 unsigned and 32 signed bytes, as 8 int32 partial sums. */
+static inline __m256i dot_u8_s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline float hsum(__m256 v) {
+    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
+
+/* sum(q * xq) of one weight block (at blk) and one activation block. */
+static inline __m256i block_dot(const uint8_t *blk, int64_t type, const int8_t *xq) {
+    const __m256i x = _mm256_loadu_si256((const __m256i *)xq);
+    switch (type) {
+    case Q4_0: return dot_u8_s8(nibbles(blk + 2), x);
+    case Q4_1: return dot_u8_s8(nibbles(blk + 4), x);
+    case Q5_0: return dot_u8_s8(_mm256_or_si256(nibbles(blk + 6), fifth_bits(blk + 2)), x);
+    case Q5_1: return dot_u8_s8(_mm256_or_si256(nibbles(blk + 8), fifth_bits(blk + 4)), x);
+    default: { /* Q8_0: |q| against xq carrying q's sign */
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        return dot_u8_s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+    }
+    }
+}
+#else
+static inline int block_dot(const uint8_t *blk, int64_t type, const int8_t *xq) {
+    int sum = 0;
+    if (type == Q8_0) {
+        for (int j = 0; j < BLOCK; ++j) sum += (int8_t)blk[2 + j] * xq[j];
+        return sum;
+    }
+    const int offset = type == Q4_0 ? 2 : type == Q4_1 ? 4 : type == Q5_0 ? 6 : 8;
+    const uint32_t qh = type == Q5_0 ? u32_at(blk + 2) : type == Q5_1 ? u32_at(blk + 4) : 0;
+    for (int j = 0; j < 16; ++j) {
+        const int low = (blk[offset + j] & 15) | (((qh >> j) & 1) << 4);
+        const int high = (blk[offset + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+        sum += low * xq[j] + high * xq[j + 16];
+    }
+    return sum;
+}
+#endif
+
+/* One weight row against one quantized activation row. */
+static float row_dot(const uint8_t *row, int64_t type, const int8_t *xq, const float *dx, const float *dx_sum,
+                     int64_t num_blocks) {
+    const int64_t bytes = block_bytes(type);
+    float offsets = 0.0f; /* sum of m * dx * sum(xq) */
+#if defined(__AVX2__)
+    __m256 acc = _mm256_setzero_ps();
+#else
+    float acc = 0.0f;
+#endif
+    for (int64_t b = 0; b < num_blocks; ++b) {
+        const uint8_t *blk = row + b * bytes;
+        const float d = half_at(blk);
+        const float m = type == Q4_1 || type == Q5_1 ? half_at(blk + 2)
+                        : type == Q4_0 ? -8.0f * d : type == Q5_0 ? -16.0f * d : 0.0f;
+        offsets += m * dx_sum[b];
+#if defined(__AVX2__)
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(blk, type, xq + b * BLOCK)), _mm256_set1_ps(d * dx[b]), acc);
+#else
+        acc += (float)block_dot(blk, type, xq + b * BLOCK) * (d * dx[b]);
+#endif
+    }
+#if defined(__AVX2__)
+    return hsum(acc) + offsets;
+#else
+    return acc + offsets;
+#endif
+}
+
+/* y [rows, out] (row stride y_stride) = x [rows, in] (row stride x_stride) @ w^T (+ bias),
+ * w [out, row_bytes] in blocks of `type`. Returns 0, -1 for a type this kernel does not
+ * take (the K-quants: the caller uses gguf_gemm) or rows that are not whole blocks,
+ * -2 when out of memory. */
+int gguf_gemm_int8(float *restrict y, int64_t y_stride, const float *restrict x, int64_t x_stride,
+                   const uint8_t *restrict w, int64_t row_bytes, int64_t type, const float *restrict bias,
+                   int64_t rows, int64_t in, int64_t out) {
+    if (type >= Q4_K || !valid_rows(type, row_bytes, in)) return -1;
+    const int64_t num_blocks = in / BLOCK;
+    int8_t *xq = malloc((size_t)(rows * in));
+    float *dx = malloc(sizeof(float) * (size_t)(2 * rows * num_blocks));
+    if (xq == NULL || dx == NULL) {
+        free(xq);
+        free(dx);
+        return -2;
+    }
+    float *dx_sum = dx + rows * num_blocks;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < rows; ++m)
+            quantize_row(xq + m * in, dx + m * num_blocks, dx_sum + m * num_blocks, x + m * x_stride, in);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < out; ++r) { /* the weight row stays in L1 across the rows of x */
+            const uint8_t *row = w + r * row_bytes;
+            for (int64_t m = 0; m < rows; ++m)
+                y[m * y_stride + r] = row_dot(row, type, xq + m * in, dx + m * num_blocks, dx_sum + m * num_blocks,
+                                              num_blocks) + (bias ? bias[r] : 0.0f);
+        }
+    }
+    free(xq);
+    free(dx);
+    return 0;
+}
