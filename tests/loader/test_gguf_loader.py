@@ -344,7 +344,7 @@ QUANTIZED_FORMATS = {
 }  # fmt: skip
 
 
-# Steps of <= 16 tokens multiply 32-value blocks by activations rounded to int8 per block, as
+# Steps of <= 8 tokens multiply 32-value blocks by activations rounded to int8 per block, as
 # llama.cpp does: logprobs move by up to ~6e-3 on these tiny random models (measured), so they
 # are checked to 0.03, and a token may be any within 0.03 of transformers' best (a qwen2 prompt
 # took the other side of a near tie at its first step).

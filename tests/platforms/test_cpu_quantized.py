@@ -4,6 +4,10 @@ and the matmul equals the float32 matmul on those values up to summation order."
 
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +16,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from pagedllm.layers.quantization import GGUF_FORMATS, QuantizedTensor, QuantizedWeight
-from pagedllm.platforms.cpu import CpuPlatform
+from pagedllm.platforms.cpu import CpuPlatform, kernels
 from pagedllm.platforms.cpu import quantized as cpu_quantized
 from pagedllm.platforms.cpu.fused import small_linear
 
@@ -97,7 +101,7 @@ def _int8_rounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.round(blocks * inverse) * dx).reshape(x.shape), dx.squeeze(-1)
 
 
-# 1..16 rows: gguf_gemm_int8 (32-value blocks) or gguf_gemm (K-quants); 64 and 130:
+# 1..8 rows: gguf_gemm_int8 (32-value blocks) or gguf_gemm (K-quants); 64 and 130:
 # dequantized slabs through oneDNN.
 @pytest.mark.parametrize("rows", [1, 5, cpu_quantized.QUANTIZED_GEMM_MAX_ROWS, 64, 130])
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda fmt: fmt.name)
@@ -202,3 +206,31 @@ def test_unloaded_or_twice_loaded_rows_are_an_error():
     weight.place(4, tensor)
     with pytest.raises(ValueError, match=r"rows \[4, 8\) were loaded twice"):
         weight.finalize("layer", padded=False)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or " avx2 " not in open("/proc/cpuinfo").read(),
+                    reason="compares the AVX2 / AVX512-VNNI integer dot products with the portable loop")
+@pytest.mark.parametrize("fmt", [fmt for fmt in FORMATS if fmt.block_size == 32], ids=lambda fmt: fmt.name)
+def test_portable_integer_dot_products_match_the_vector_ones(fmt, portable_kernels):
+    """Compilers for CPUs without AVX2 take the portable loop of quantized_dot.c: the same
+    integer sums, float sums in another order."""
+    portable = portable_kernels
+    tensor, reference = _quantized(fmt, 67, 256, seed=11)
+    x = torch.randn(6, 256)
+    bias = torch.randn(67)
+    out = portable.linear(x, _weight(tensor), bias)
+    _assert_float32_sums_close(out, _int8_rounded(x)[0], reference, bias)
+    _assert_float32_sums_close(KERNELS.linear(x, _weight(tensor), bias), _int8_rounded(x)[0], reference, bias)
+
+
+@pytest.fixture(scope="module")
+def portable_kernels(tmp_path_factory):
+    """The quantized kernels built without AVX2 (so without AVX-512 either)."""
+    sources = [os.path.join(os.path.dirname(kernels.__file__), "csrc", name)
+               for name in ("quantized_gemm.c", "quantized_dot.c")]
+    built = str(tmp_path_factory.mktemp("portable") / "portable.so")
+    assert kernels.build_library(os.environ.get("CC") or "cc", sources, built, ["-mno-avx2"]) is None
+    lib = ctypes.CDLL(built)
+    for name in ("gguf_dequantize", "gguf_gemm", "gguf_gemm_int8"):
+        getattr(lib, name).restype = ctypes.c_int
+    return cpu_quantized.QuantizedKernels(lib)

@@ -22,11 +22,11 @@ from pagedllm.layers.quantization import QuantizedTensor, QuantizedWeight
 from pagedllm.platforms.cpu.kernels import INT64, pointer
 from pagedllm.platforms.cpu.linear import float32_linear
 
-# Up to this many rows gguf_gemm, above it dequantized slabs + oneDNN. Measured on a 2-core
-# Zen 5 EPYC (AVX-512), Q4_1 / Q8_0, 576 -> 3072 and the 576 -> 49152 LM head: gguf_gemm
-# 1.3-3x faster at 1 row (the LM head: 2.5 / 1.5 ms against 7.9 / 6.7 ms), about even at
-# 16, slabs 1.2-2x faster from 24 rows on.
-QUANTIZED_GEMM_MAX_ROWS = 16
+# Up to this many rows the streaming kernels, above it dequantized slabs + oneDNN. Measured
+# on a 2-core Zen 5 EPYC (AVX512-VNNI), 576 -> 3072: at 1 row gguf_gemm_int8 takes 0.05-0.08 ms
+# against 0.16-0.23 for slabs; about even at 8 rows (Q4_1 0.31-0.34 / 0.26-0.45 ms); slabs
+# 1.5x faster at 16. (gguf_gemm, the K-quants' float path, is even with slabs near 16.)
+QUANTIZED_GEMM_MAX_ROWS = 8
 # Values of one dequantized slab (16 MiB of float32): the LM head of a 49k vocabulary is
 # 7 slabs of 576-wide rows; an 8B model's 14336 x 4096 down projection 4 of 1024 rows.
 SLAB_VALUES = 4 << 20

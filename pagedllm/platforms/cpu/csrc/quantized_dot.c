@@ -70,19 +70,53 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
 }
 
-/* sum(q * xq) of one weight block (at blk) and one activation block. */
-static inline __m256i block_dot(const uint8_t *blk, int64_t type, const int8_t *xq) {
-    const __m256i x = _mm256_loadu_si256((const __m256i *)xq);
+/* A weight block's 32 values as unsigned bytes: q (nibbles, with the fifth bit for Q5),
+ * or |q| for Q8_0, whose signs move onto the activations (signed_activations). */
+static inline __m256i weight_bytes(const uint8_t *blk, int64_t type) {
     switch (type) {
-    case Q4_0: return dot_u8_s8(nibbles(blk + 2), x);
-    case Q4_1: return dot_u8_s8(nibbles(blk + 4), x);
-    case Q5_0: return dot_u8_s8(_mm256_or_si256(nibbles(blk + 6), fifth_bits(blk + 2)), x);
-    case Q5_1: return dot_u8_s8(_mm256_or_si256(nibbles(blk + 8), fifth_bits(blk + 4)), x);
-    default: { /* Q8_0: |q| against xq carrying q's sign */
+    case Q4_0: return nibbles(blk + 2);
+    case Q4_1: return nibbles(blk + 4);
+    case Q5_0: return _mm256_or_si256(nibbles(blk + 6), fifth_bits(blk + 2));
+    case Q5_1: return _mm256_or_si256(nibbles(blk + 8), fifth_bits(blk + 4));
+    default: {
         const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        return dot_u8_s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+        return _mm256_sign_epi8(q, q);
     }
     }
+}
+
+static inline __m256i signed_activations(const uint8_t *blk, int64_t type, const int8_t *xq) {
+    const __m256i x = _mm256_loadu_si256((const __m256i *)xq);
+    return type == Q8_0 ? _mm256_sign_epi8(x, _mm256_loadu_si256((const __m256i *)(blk + 2))) : x;
+}
+
+#define X_ROWS 4 /* activation rows per pass over a weight row: each block is unpacked once for 4 */
+
+/* One weight row against n <= X_ROWS quantized activation rows (row i at xq + i * in,
+ * its per-block scales at dx + i * num_blocks) -> out[0..n). */
+static void row_dots(float *out, const uint8_t *row, int64_t type, const int8_t *xq, const float *dx,
+                     const float *dx_sum, int64_t in, int64_t num_blocks, int n) {
+    const int64_t bytes = block_bytes(type);
+    __m256 acc[X_ROWS];
+    float offsets[X_ROWS]; /* sum of m * dx * sum(xq) */
+    for (int i = 0; i < X_ROWS; ++i) {
+        acc[i] = _mm256_setzero_ps();
+        offsets[i] = 0.0f;
+    }
+    for (int64_t b = 0; b < num_blocks; ++b) {
+        const uint8_t *blk = row + b * bytes;
+        const float d = half_at(blk);
+        const float m = type == Q4_1 || type == Q5_1 ? half_at(blk + 2)
+                        : type == Q4_0 ? -8.0f * d : type == Q5_0 ? -16.0f * d : 0.0f;
+        const __m256i q = weight_bytes(blk, type);
+        for (int i = 0; i < n; ++i) {
+            const int64_t at = i * num_blocks + b;
+            const __m256i dot = dot_u8_s8(q, signed_activations(blk, type, xq + i * in + b * BLOCK));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * dx[at]), acc[i]);
+            offsets[i] += m * dx_sum[at];
+        }
+    }
+    for (int i = 0; i < n; ++i) out[i] = hsum(acc[i]) + offsets[i];
 }
 #else
 static inline int block_dot(const uint8_t *blk, int64_t type, const int8_t *xq) {
@@ -100,36 +134,27 @@ static inline int block_dot(const uint8_t *blk, int64_t type, const int8_t *xq) 
     }
     return sum;
 }
-#endif
 
-/* One weight row against one quantized activation row. */
-static float row_dot(const uint8_t *row, int64_t type, const int8_t *xq, const float *dx, const float *dx_sum,
-                     int64_t num_blocks) {
+#define X_ROWS 4 /* activation rows per call (no tiling gain without vectors; kept for one loop shape) */
+
+static void row_dots(float *out, const uint8_t *row, int64_t type, const int8_t *xq, const float *dx,
+                     const float *dx_sum, int64_t in, int64_t num_blocks, int n) {
     const int64_t bytes = block_bytes(type);
-    float offsets = 0.0f; /* sum of m * dx * sum(xq) */
-#if defined(__AVX2__)
-    __m256 acc = _mm256_setzero_ps();
-#else
-    float acc = 0.0f;
-#endif
-    for (int64_t b = 0; b < num_blocks; ++b) {
-        const uint8_t *blk = row + b * bytes;
-        const float d = half_at(blk);
-        const float m = type == Q4_1 || type == Q5_1 ? half_at(blk + 2)
-                        : type == Q4_0 ? -8.0f * d : type == Q5_0 ? -16.0f * d : 0.0f;
-        offsets += m * dx_sum[b];
-#if defined(__AVX2__)
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(blk, type, xq + b * BLOCK)), _mm256_set1_ps(d * dx[b]), acc);
-#else
-        acc += (float)block_dot(blk, type, xq + b * BLOCK) * (d * dx[b]);
-#endif
+    for (int i = 0; i < n; ++i) {
+        float acc = 0.0f, offsets = 0.0f;
+        for (int64_t b = 0; b < num_blocks; ++b) {
+            const uint8_t *blk = row + b * bytes;
+            const float d = half_at(blk);
+            const float m = type == Q4_1 || type == Q5_1 ? half_at(blk + 2)
+                            : type == Q4_0 ? -8.0f * d : type == Q5_0 ? -16.0f * d : 0.0f;
+            const int64_t at = i * num_blocks + b;
+            acc += (float)block_dot(blk, type, xq + i * in + b * BLOCK) * (d * dx[at]);
+            offsets += m * dx_sum[at];
+        }
+        out[i] = acc + offsets;
     }
-#if defined(__AVX2__)
-    return hsum(acc) + offsets;
-#else
-    return acc + offsets;
-#endif
 }
+#endif
 
 /* y [rows, out] (row stride y_stride) = x [rows, in] (row stride x_stride) @ w^T (+ bias),
  * w [out, row_bytes] in blocks of `type`. Returns 0, -1 for a type this kernel does not
@@ -156,9 +181,12 @@ int gguf_gemm_int8(float *restrict y, int64_t y_stride, const float *restrict x,
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < out; ++r) { /* the weight row stays in L1 across the rows of x */
             const uint8_t *row = w + r * row_bytes;
-            for (int64_t m = 0; m < rows; ++m)
-                y[m * y_stride + r] = row_dot(row, type, xq + m * in, dx + m * num_blocks, dx_sum + m * num_blocks,
-                                              num_blocks) + (bias ? bias[r] : 0.0f);
+            for (int64_t m = 0; m < rows; m += X_ROWS) {
+                const int n = rows - m < X_ROWS ? (int)(rows - m) : X_ROWS;
+                float dots[X_ROWS];
+                row_dots(dots, row, type, xq + m * in, dx + m * num_blocks, dx_sum + m * num_blocks, in, num_blocks, n);
+                for (int i = 0; i < n; ++i) y[(m + i) * y_stride + r] = dots[i] + (bias ? bias[r] : 0.0f);
+            }
         }
     }
     free(xq);
