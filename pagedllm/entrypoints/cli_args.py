@@ -19,7 +19,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--dtype", default="auto", choices=DTYPES,
                        help="weights/activations dtype; auto = checkpoint dtype, 16-bit runs as bfloat16 on "
-                            "CUDA and on CPUs with native bfloat16, else float32")
+                            "CUDA; a CPU with native bfloat16 times both and takes the faster; other CPUs "
+                            "float32; --quantization gguf: float32")
     group.add_argument("-q", "--quantization", default=None, choices=QUANTIZATIONS,
                        help="gguf: run a .gguf file's quantized matrices (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) without "
                             "dequantizing them (CPU; other types are dequantized); default: dequantize at load")
