@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import weakref
 
 import torch
 
@@ -41,6 +42,9 @@ class QuantizedKernels:
         self._lib = lib
         self._int8_activations = int8_activations
         self._dense_linear = float32_linear(None)  # oneDNN's float32 matmul
+        # per weight, gguf_gemm_int8's segment arrays (pointers into the weight's blocks: kept
+        # only as long as the weight lives)
+        self._int8_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @functools.cached_property
     def float_activations(self) -> QuantizedKernels:
@@ -71,20 +75,47 @@ class QuantizedKernels:
         bias = bias.float().contiguous() if bias is not None else None
         rows = x2.shape[0]
         y = torch.empty(rows, weight.rows, dtype=torch.float32)
-        for first, tensor in weight.segments:
-            segment_bias = bias[first:first + tensor.shape[0]] if bias is not None else None
-            if rows <= QUANTIZED_GEMM_MAX_ROWS:
-                self._gemm(y, first, x2, tensor, segment_bias)
-            else:
-                self._slab_gemm(y, first, x2, tensor, segment_bias)
+        if rows <= QUANTIZED_GEMM_MAX_ROWS and self._int8_activations and (table := self._int8_table(weight)):
+            self._int8_gemm(y, x2, table, bias)
+        else:
+            for first, tensor in weight.segments:
+                segment_bias = bias[first:first + tensor.shape[0]] if bias is not None else None
+                if rows <= QUANTIZED_GEMM_MAX_ROWS:
+                    self._gemm(y, first, x2, tensor, segment_bias)
+                else:
+                    self._slab_gemm(y, first, x2, tensor, segment_bias)
         return y.reshape(*leading, weight.rows).to(x.dtype)
+
+    def _int8_table(self, weight: QuantizedWeight) -> tuple | None:
+        """gguf_gemm_int8's segment arrays for weight (made once per weight), or None where a
+        segment's format has no integer kernel (the K-quants)."""
+        if weight not in self._int8_tables:
+            segments = weight.segments
+            if any(tensor.format.block_size != 32 for _, tensor in segments):
+                self._int8_tables[weight] = None
+            else:
+                count = len(segments)
+                self._int8_tables[weight] = (
+                    INT64(count),
+                    (ctypes.c_void_p * count)(*(tensor.data.data_ptr() for _, tensor in segments)),
+                    (ctypes.c_int64 * count)(*(tensor.data.stride(0) for _, tensor in segments)),
+                    (ctypes.c_int64 * count)(*(tensor.format.ggml_type for _, tensor in segments)),
+                    (ctypes.c_int64 * count)(*(first for first, _ in segments)),
+                    (ctypes.c_int64 * count)(*(tensor.shape[0] for _, tensor in segments)),
+                )
+        return self._int8_tables[weight]
+
+    def _int8_gemm(self, y: torch.Tensor, x: torch.Tensor, table: tuple, bias: torch.Tensor | None) -> None:
+        status = self._lib.gguf_gemm_int8(pointer(y), INT64(y.stride(0)), pointer(x), INT64(x.stride(0)), *table,
+                                          pointer(bias) if bias is not None else None, INT64(x.shape[0]),
+                                          INT64(x.shape[1]))
+        if status != 0:
+            raise RuntimeError(f"gguf_gemm_int8 failed ({status}) on a {tuple(y.shape)} output")
 
     def _gemm(self, y: torch.Tensor, first: int, x: torch.Tensor, tensor: QuantizedTensor,
               bias: torch.Tensor | None) -> None:
         data = tensor.data
-        int8 = self._int8_activations and tensor.format.block_size == 32
-        kernel = self._lib.gguf_gemm_int8 if int8 else self._lib.gguf_gemm
-        status = kernel(
+        status = self._lib.gguf_gemm(
             _at(y, first * y.element_size()), INT64(y.stride(0)), pointer(x), INT64(x.stride(0)), pointer(data),
             INT64(data.stride(0)), INT64(tensor.format.ggml_type), pointer(bias) if bias is not None else None,
             INT64(x.shape[0]), INT64(tensor.cols), INT64(data.shape[0]))

@@ -156,14 +156,22 @@ static void row_dots(float *out, const uint8_t *row, int64_t type, const int8_t 
 }
 #endif
 
-/* y [rows, out] (row stride y_stride) = x [rows, in] (row stride x_stride) @ w^T (+ bias),
- * w [out, row_bytes] in blocks of `type`. Returns 0, -1 for a type this kernel does not
- * take (the K-quants: the caller uses gguf_gemm) or rows that are not whole blocks,
- * -2 when out of memory. */
+/* y [rows, out] (row stride y_stride) = x [rows, in] (row stride x_stride) @ w^T (+ bias
+ * [out]), w given as num_segments row segments: segment s holds output rows
+ * [first_rows[s], first_rows[s] + num_rows[s]) as blocks of types[s] at w[s] (row_bytes[s]
+ * per row), in order and covering [0, out). One call per layer: the fused pieces of QKV
+ * or gate/up share one rounding of x and one parallel region. Returns 0, -1 for a type
+ * this kernel does not take (the K-quants: the caller uses gguf_gemm) or rows that are
+ * not whole blocks, -2 when out of memory. */
 int gguf_gemm_int8(float *restrict y, int64_t y_stride, const float *restrict x, int64_t x_stride,
-                   const uint8_t *restrict w, int64_t row_bytes, int64_t type, const float *restrict bias,
-                   int64_t rows, int64_t in, int64_t out) {
-    if (type >= Q4_K || !valid_rows(type, row_bytes, in)) return -1;
+                   int64_t num_segments, const uint8_t *const *w, const int64_t *row_bytes, const int64_t *types,
+                   const int64_t *first_rows, const int64_t *num_rows, const float *restrict bias, int64_t rows,
+                   int64_t in) {
+    int64_t out = 0;
+    for (int64_t s = 0; s < num_segments; ++s) {
+        if (types[s] >= Q4_K || !valid_rows(types[s], row_bytes[s], in) || first_rows[s] != out) return -1;
+        out += num_rows[s];
+    }
     const int64_t num_blocks = in / BLOCK;
     int8_t *xq = malloc((size_t)(rows * in));
     float *dx = malloc(sizeof(float) * (size_t)(2 * rows * num_blocks));
@@ -180,11 +188,14 @@ int gguf_gemm_int8(float *restrict y, int64_t y_stride, const float *restrict x,
             quantize_row(xq + m * in, dx + m * num_blocks, dx_sum + m * num_blocks, x + m * x_stride, in);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < out; ++r) { /* the weight row stays in L1 across the rows of x */
-            const uint8_t *row = w + r * row_bytes;
+            int64_t s = 0;
+            while (r >= first_rows[s] + num_rows[s]) ++s;
+            const uint8_t *row = w[s] + (r - first_rows[s]) * row_bytes[s];
             for (int64_t m = 0; m < rows; m += X_ROWS) {
                 const int n = rows - m < X_ROWS ? (int)(rows - m) : X_ROWS;
                 float dots[X_ROWS];
-                row_dots(dots, row, type, xq + m * in, dx + m * num_blocks, dx_sum + m * num_blocks, in, num_blocks, n);
+                row_dots(dots, row, types[s], xq + m * in, dx + m * num_blocks, dx_sum + m * num_blocks, in,
+                         num_blocks, n);
                 for (int i = 0; i < n; ++i) y[(m + i) * y_stride + r] = dots[i] + (bias ? bias[r] : 0.0f);
             }
         }
