@@ -1,8 +1,8 @@
 """Weights kept in llama.cpp's quantized blocks (GGUF), run without a float copy.
 
 With `quantization="gguf"` the GGUF loader hands a layer's weight loader each tensor
-of a supported type as a QuantizedTensor: its raw blocks (uint8 [rows, row_bytes], a
-view of the memory-mapped file) and their format. The layer places it exactly as a
+of a supported type as a QuantizedTensor: its raw blocks (uint8 [rows, row_bytes], read
+from the file) and their format. The layer places it exactly as a
 float tensor -- same row offsets for fused QKV / gate-up, same tensor-parallel
 slices -- as a segment of a QuantizedWeight. After loading,
 finalize_quantized_weights swaps each such layer's float parameter (allocated but
@@ -74,10 +74,10 @@ class QuantizedWeight(nn.Module):
 
     Fused layers receive their pieces separately, possibly in different formats (a
     Q4_K_M file stores V in another type than Q and K), so each piece stays a segment
-    [first_row, first_row + rows) and the matmul runs once per segment. Segments are not
-    concatenated: they stay views of the mapped file, where a merged copy would hold
-    the layer twice (an 8B Q4_0 model peaked at 7.0 GiB with merged gate/up and QKV,
-    against its 4.2 GiB file). An nn.Module so that it can take a parameter's place."""
+    [first_row, first_row + rows) and the kernels take all of them in one call. Segments
+    are not concatenated: a merged copy held the layer twice while loading (an 8B Q4_0
+    model peaked at 7.0 GiB with merged gate/up and QKV, against its 4.2 GiB file). An
+    nn.Module so that it can take a parameter's place."""
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -103,7 +103,7 @@ class QuantizedWeight(nn.Module):
                 raise ValueError(f"{name}: quantized rows [{min(first, end)}, {max(first, end)}) were "
                                  f"{'never loaded' if first > end else 'loaded twice'}")
             end = first + tensor.shape[0]
-        self.segments = [(first, QuantizedTensor(tensor.data.contiguous(), tensor.format, tensor.cols))
+        self.segments = [(first, QuantizedTensor(_owned(tensor.data), tensor.format, tensor.cols))
                          for first, tensor in self.segments]
         if not padded and self.rows != self.out_features:
             raise ValueError(f"{name}: quantized rows [{self.rows}, {self.out_features}) were never loaded")
@@ -113,6 +113,13 @@ class QuantizedWeight(nn.Module):
         """The rows placed (out_features, or fewer for a padded vocabulary's last rank)."""
         first, tensor = self.segments[-1]
         return first + tensor.shape[0]
+
+
+def _owned(data: torch.Tensor) -> torch.Tensor:
+    """data as a dense matrix holding only its own bytes: a tensor-parallel rank's slice is
+    copied out of the whole checkpoint tensor, which is then freed."""
+    data = data.contiguous()
+    return data.clone() if data.untyped_storage().nbytes() != data.nbytes else data
 
 
 def place_rows(module: nn.Module, param: nn.Parameter, first_row: int, rows: int,

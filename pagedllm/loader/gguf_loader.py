@@ -263,8 +263,8 @@ def iter_gguf_weights(path: str, quantized: bool = False) -> Iterator[tuple[str,
     """Yield (HF parameter name, tensor in HF shape) for every tensor, one at a time.
 
     Linear weights come out as [out_features, in_features], norms and biases as [n].
-    quantized: matrices of a type in GGUF_FORMATS come as QuantizedTensor (views of the
-    memory-mapped file), the rest dequantized; else everything as float32, small models
+    quantized: matrices of a type in GGUF_FORMATS come as QuantizedTensor (their blocks
+    as stored), the rest dequantized; else everything as float32, small models
     from the dequantized cache after the first load.
     """
     if quantized:
@@ -288,17 +288,31 @@ def iter_gguf_weights(path: str, quantized: bool = False) -> Iterator[tuple[str,
 
 
 def _quantized_weights(path: str) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
-    """The file is mapped copy-on-write (pages are read from the file when touched and
-    never written back), so a quantized weight costs its bytes in the page cache and
-    nothing more: the float model is never built."""
+    """Each tensor is read from the file into memory of its own, one at a time: the
+    float model is never built, and a quantized weight costs its bytes. Read, not
+    memory-mapped: decode streamed weights from mapped file pages ~15 % slower (4 KiB
+    page-cache pages against anonymous memory; embedded model, one stream)."""
     index = _tensor_index(path)
     spec = _ARCHS[index["architecture"]]
-    file = np.memmap(path, dtype=np.uint8, mode="c")
     kept: dict[str, int] = {}
     dequantized: dict[str, int] = {}
+    with open(path, "rb") as file:
+        for name, weight in _read_tensors(file, index, spec, path, kept, dequantized):
+            yield name, weight
+    logger.info("GGUF weights kept quantized: %s; dequantized to float: %s",
+                ", ".join(f"{n} {t}" for t, n in sorted(kept.items())) or "none",
+                ", ".join(f"{n} {t}" for t, n in sorted(dequantized.items())) or "none")
+
+
+def _read_tensors(file, index: dict[str, Any], spec: _ArchSpec, path: str, kept: dict[str, int],
+                  dequantized: dict[str, int]) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
     for entry in index["tensors"]:
         name, rows, cols = entry["name"], entry["rows"], entry["cols"]
-        raw = torch.from_numpy(file[entry["offset"]:entry["offset"] + entry["bytes"]].reshape(rows, -1))
+        raw = torch.empty(entry["bytes"], dtype=torch.uint8)
+        file.seek(entry["offset"])
+        if file.readinto(raw.numpy()) != entry["bytes"]:
+            raise ValueError(f"{path}: the file ends inside tensor {entry['gguf_name']}")
+        raw = raw.reshape(rows, -1)
         fmt = GGUF_FORMATS.get(entry["type"])
         if fmt is not None and entry["matrix"]:
             kept[fmt.name] = kept.get(fmt.name, 0) + 1
@@ -315,9 +329,6 @@ def _quantized_weights(path: str) -> Iterator[tuple[str, torch.Tensor | Quantize
         if spec.norm_offset and entry["gguf_name"].endswith("norm.weight"):
             weight = weight - 1
         yield name, weight
-    logger.info("GGUF weights kept quantized: %s; dequantized to float: %s",
-                ", ".join(f"{n} {t}" for t, n in sorted(kept.items())) or "none",
-                ", ".join(f"{n} {t}" for t, n in sorted(dequantized.items())) or "none")
 
 
 def _dequantize_raw(raw: np.ndarray, entry: dict[str, Any], path: str) -> np.ndarray:
