@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from pagedllm.config import EngineConfig
+from pagedllm.engine_args import EngineArgs
 from pagedllm.engine.input_processor import load_tokenizer
 
 SCHEMA = {
@@ -77,7 +77,7 @@ def bench_xgrammar(tokenizer, vocab_size: int, token_ids: list[int]) -> dict:
 
 
 def main() -> None:
-    config = EngineConfig.create()
+    config = EngineArgs().create_engine_config()
     tokenizer = load_tokenizer(config.model)
     vocab_size = config.model.hf_config.vocab_size
     token_ids = tokenizer(OUTPUT, add_special_tokens=False).input_ids

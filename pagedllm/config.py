@@ -1,7 +1,8 @@
 """Engine configuration: small frozen dataclasses, all validation in one place.
 
-`EngineConfig.create(...)` is the only place that turns user arguments
-(`LLM(...)`, CLI flags) into configs; components take the few values they need.
+The user's options are `engine_args.EngineArgs` (`LLM(...)` keywords, CLI flags); its
+`create_engine_config()` is the only place that turns them into these configs, and
+components take the few values they need.
 """
 
 from __future__ import annotations
@@ -322,29 +323,3 @@ class EngineConfig:
     cache: CacheConfig
     scheduler: SchedulerConfig
     parallel: ParallelConfig
-
-    @staticmethod
-    def create(model: str | None = None, dtype: str = "auto", device: str = "auto", seed: int = 0,
-               max_model_len: int | None = None, kv_cache_memory: float | int | str | None = None,
-               num_kv_blocks: int | None = None, block_size: int = 16, max_num_seqs: int = 256,
-               max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
-               kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1,
-               distributed_executor_backend: str = "mp", generation_config: str = "auto",
-               skip_tokenizer_init: bool = False, quantization: str | None = None) -> EngineConfig:
-        """generation_config: where default sampling parameters come from (auto: the
-        model's generation_config.json; vllm: none; or a folder holding one).
-        skip_tokenizer_init: load no tokenizer (a model folder may ship none): prompts must be
-        token ids, outputs carry token ids and no text; stop strings, bad_words, structured
-        outputs and chat are refused.
-        quantization: 'gguf' keeps a .gguf file's quantized matrices quantized (CPU; computed
-        in float32), None dequantizes them at load."""
-        model_config = ModelConfig.create(model, dtype, device, max_model_len, seed, generation_config,
-                                          skip_tokenizer_init, quantization)
-        cache = CacheConfig(block_size, parse_memory_size(kv_cache_memory), num_kv_blocks, enable_prefix_caching,
-                            kv_cache_dtype)
-        if max_num_batched_tokens is None:
-            # Large enough to prefill several prompts per step; chunking handles the rest.
-            max_num_batched_tokens = 2048 if model_config.device == "cpu" else 8192
-        scheduler = SchedulerConfig(max_num_seqs, max_num_batched_tokens, model_config.max_model_len)
-        return EngineConfig(model_config, cache, scheduler,
-                            ParallelConfig(tensor_parallel_size, distributed_executor_backend))

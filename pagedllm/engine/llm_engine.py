@@ -7,6 +7,7 @@ import time
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.engine_core import EngineCore
+from pagedllm.engine_args import EngineArgs
 from pagedllm.engine.input_processor import InputProcessor, PromptInput, load_tokenizer, validate_cache_salt
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.outputs import RequestOutput
@@ -29,7 +30,8 @@ class LLMEngine:
 
     @classmethod
     def from_args(cls, **kwargs) -> LLMEngine:
-        return cls(EngineConfig.create(**kwargs))
+        """kwargs: EngineArgs' fields."""
+        return cls(EngineArgs(**kwargs).create_engine_config())
 
     def add_request(self, request_id: str, prompt: PromptInput | list[int], params: SamplingParams,
                     arrival_time: float | None = None, stream: bool = False, cache_salt: str | None = None) -> None:

@@ -18,34 +18,20 @@ Conversation = list[dict]
 class LLM:
     """Load a model once, then generate for many prompts with continuous batching.
 
+    Keyword arguments are EngineArgs' fields (pagedllm/engine_args.py, where each is
+    documented; the same options as `pagedllm serve`'s flags), for instance:
     model: a Hugging Face model folder, a .gguf file, or an alias; None = the
         embedded SmolLM2-135M-Instruct.
-    dtype: auto | float32 | bfloat16 | float16 (auto: see pagedllm.config).
+    dtype: auto | float32 | bfloat16 | float16.
     kv_cache_memory: KV pool size in GiB (or '512MiB'); default min(4 GiB, 25%
         of available memory) on CPU. num_kv_blocks overrides it.
-    kv_cache_dtype: auto (the model's dtype) | float32 | bfloat16 | float16:
-        how K/V are stored; attention computes in the model's dtype.
-    generation_config: auto (the model's generation_config.json sets the default
-        sampling parameters: get_default_sampling_params) | vllm (ignore it) | a
-        folder holding a generation_config.json.
-    skip_tokenizer_init: load no tokenizer (for a folder without one): prompts must
-        be token ids, outputs have token_ids and empty text.
-    quantization: None (weights as float) | "gguf": a .gguf file's Q4_0/Q4_1/Q5_0/
-        Q5_1/Q8_0/Q4_K/Q5_K/Q6_K matrices stay quantized and run through quantized
-        kernels (CPU).
-    Other arguments: see EngineConfig.create.
+    quantization: None | "gguf" (a .gguf file's quantized matrices run as they are, CPU).
+    tensor_parallel_size: split the model over this many worker processes.
+    An unknown keyword is a TypeError naming it.
     """
 
-    def __init__(self, model: str | None = None, dtype: str = "auto", seed: int = 0,
-                 max_model_len: int | None = None, kv_cache_memory: float | str | None = None,
-                 num_kv_blocks: int | None = None, block_size: int = 16, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
-                 **engine_kwargs) -> None:
-        self.llm_engine = LLMEngine.from_args(
-            model=model, dtype=dtype, seed=seed, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
-            num_kv_blocks=num_kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-            **engine_kwargs)
+    def __init__(self, model: str | None = None, **engine_args) -> None:
+        self.llm_engine = LLMEngine.from_args(model=model, **engine_args)
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):

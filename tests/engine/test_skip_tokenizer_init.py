@@ -8,7 +8,7 @@ import os
 import pytest
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.config import EngineConfig
+from pagedllm.engine_args import EngineArgs
 from pagedllm.entrypoints.cli import build_parser, main
 from pagedllm.entrypoints.cli_args import engine_kwargs
 from pagedllm.sampling_params import StructuredOutputsParams
@@ -109,7 +109,7 @@ def test_a_folder_without_tokenizer_files_fails_at_start_up(tiny):
 
 
 def test_the_option_and_the_flag(tiny):
-    assert EngineConfig.create(tiny[0], skip_tokenizer_init=True).model.skip_tokenizer_init
+    assert EngineArgs(tiny[0], skip_tokenizer_init=True).create_engine_config().model.skip_tokenizer_init
     args = build_parser().parse_args(["generate", "--skip-tokenizer-init", "--prompt", "x"])
     assert engine_kwargs(args)["skip_tokenizer_init"] is True
     args = build_parser().parse_args(["generate", "--prompt", "x"])
