@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -268,7 +269,7 @@ def iter_gguf_weights(path: str, quantized: bool = False) -> Iterator[tuple[str,
     from the dequantized cache after the first load.
     """
     if quantized:
-        yield from _quantized_weights(path)
+        yield from _read_weights(path, keep_quantized=True)
         return
     cache_file = os.path.join(_cache_dir(path), "weights-float32.safetensors")
     if os.path.isfile(cache_file):
@@ -278,7 +279,7 @@ def iter_gguf_weights(path: str, quantized: bool = False) -> Iterator[tuple[str,
         return
     cached: dict[str, torch.Tensor] = {}
     num_bytes = 0
-    for name, weight in _dequantized_weights(path):
+    for name, weight in _read_weights(path, keep_quantized=False):
         num_bytes += weight.numel() * 4
         if num_bytes <= _WEIGHT_CACHE_MAX_BYTES:
             cached[name] = weight
@@ -287,51 +288,45 @@ def iter_gguf_weights(path: str, quantized: bool = False) -> Iterator[tuple[str,
         _write_weight_cache(cached, cache_file)
 
 
-def _quantized_weights(path: str) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
-    """Each tensor is read from the file into memory of its own, one at a time: the
-    float model is never built, and a quantized weight costs its bytes. Read, not
-    memory-mapped: decode streamed weights from mapped file pages ~15 % slower (4 KiB
-    page-cache pages against anonymous memory; embedded model, one stream)."""
+def _read_weights(path: str, keep_quantized: bool) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """Each tensor is read from the file into memory of its own, one at a time (read, not
+    memory-mapped: decode streamed quantized weights from mapped 4 KiB page-cache pages
+    ~15 % slower than from anonymous memory; embedded model, one stream). keep_quantized:
+    matrices of a type in GGUF_FORMATS stay as stored, so the float model is never built;
+    everything else is dequantized to float32 in HF layout."""
     index = _tensor_index(path)
     spec = _ARCHS[index["architecture"]]
-    kept: dict[str, int] = {}
-    dequantized: dict[str, int] = {}
+    kept: Counter[str] = Counter()
+    dequantized: Counter[str] = Counter()
     with open(path, "rb") as file:
-        for name, weight in _read_tensors(file, index, spec, path, kept, dequantized):
-            yield name, weight
-    logger.info("GGUF weights kept quantized: %s; dequantized to float: %s",
-                ", ".join(f"{n} {t}" for t, n in sorted(kept.items())) or "none",
-                ", ".join(f"{n} {t}" for t, n in sorted(dequantized.items())) or "none")
-
-
-def _read_tensors(file, index: dict[str, Any], spec: _ArchSpec, path: str, kept: dict[str, int],
-                  dequantized: dict[str, int]) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
-    for entry in index["tensors"]:
-        name, rows, cols = entry["name"], entry["rows"], entry["cols"]
-        raw = torch.empty(entry["bytes"], dtype=torch.uint8)
-        file.seek(entry["offset"])
-        if file.readinto(raw.numpy()) != entry["bytes"]:
-            raise ValueError(f"{path}: the file ends inside tensor {entry['gguf_name']}")
-        raw = raw.reshape(rows, -1)
-        fmt = GGUF_FORMATS.get(entry["type"])
-        if fmt is not None and entry["matrix"]:
-            kept[fmt.name] = kept.get(fmt.name, 0) + 1
-            weight = QuantizedTensor(raw, fmt, cols)
+        for entry in index["tensors"]:
+            raw = torch.empty(entry["bytes"], dtype=torch.uint8)
+            file.seek(entry["offset"])
+            if file.readinto(raw.numpy()) != entry["bytes"]:
+                raise ValueError(f"{path}: the file ends inside tensor {entry['gguf_name']}")
+            raw = raw.reshape(entry["rows"], -1)
+            fmt = GGUF_FORMATS.get(entry["type"]) if keep_quantized and entry["matrix"] else None
+            if fmt is not None:
+                kept[fmt.name] += 1
+                if spec.permute_qk and entry["heads"]:
+                    raw = raw[_unpermute_rotary_rows(torch.arange(entry["rows"]), entry["heads"])]
+                yield entry["name"], QuantizedTensor(raw, fmt, entry["cols"])
+                continue
+            dequantized[entry["type_name"]] += 1
+            weight = torch.from_numpy(_dequantize(raw.numpy(), entry, path)).reshape(entry["shape"])
             if spec.permute_qk and entry["heads"]:
-                weight = QuantizedTensor(raw[_unpermuted_row_order(rows, entry["heads"])], fmt, cols)
-            yield name, weight
-            continue
-        dequantized[entry["type_name"]] = dequantized.get(entry["type_name"], 0) + 1
-        values = _dequantize_raw(raw.numpy(), entry, path)
-        weight = torch.from_numpy(values).reshape(entry["shape"])
-        if spec.permute_qk and entry["heads"]:
-            weight = _unpermute_rotary_rows(weight, entry["heads"])
-        if spec.norm_offset and entry["gguf_name"].endswith("norm.weight"):
-            weight = weight - 1
-        yield name, weight
+                weight = _unpermute_rotary_rows(weight, entry["heads"])
+            if spec.norm_offset and entry["gguf_name"].endswith("norm.weight"):
+                weight = weight - 1  # as transformers' GGUF loader does, in float32
+            yield entry["name"], weight
+    if keep_quantized:
+        logger.info("GGUF weights kept quantized: %s; dequantized to float: %s",
+                    ", ".join(f"{n} {t}" for t, n in sorted(kept.items())) or "none",
+                    ", ".join(f"{n} {t}" for t, n in sorted(dequantized.items())) or "none")
 
 
-def _dequantize_raw(raw: np.ndarray, entry: dict[str, Any], path: str) -> np.ndarray:
+def _dequantize(raw: np.ndarray, entry: dict[str, Any], path: str) -> np.ndarray:
+    """A tensor's bytes as float32 values (gguf's reference dequantization)."""
     if entry["type_name"] == "F32":  # norms and biases: no need to import gguf
         return np.array(raw.view(np.float32))
     import gguf
@@ -341,11 +336,6 @@ def _dequantize_raw(raw: np.ndarray, entry: dict[str, Any], path: str) -> np.nda
     except NotImplementedError as e:
         raise ValueError(f"{path}: tensor {entry['gguf_name']} is {entry['type_name']}, "
                          "which gguf cannot dequantize") from e
-
-
-def _unpermuted_row_order(rows: int, num_heads: int) -> torch.Tensor:
-    """The row order _unpermute_rotary_rows gives, as indices (for matrices kept quantized)."""
-    return _unpermute_rotary_rows(torch.arange(rows), num_heads)
 
 
 def _tensor_index(path: str) -> dict[str, Any]:
@@ -404,28 +394,6 @@ def _write_weight_cache(weights: dict[str, torch.Tensor], cache_file: str) -> No
         logger.warning("could not cache the dequantized GGUF weights in %s: %s", cache_file, e)
 
 
-def _dequantized_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    import gguf  # only on a cache miss (see gguf_hf_config)
-
-    reader = gguf.GGUFReader(path)
-    arch = _architecture(reader, path)
-    spec = _ARCHS[arch]
-    heads = _field(reader, f"{arch}.attention.head_count")
-    kv_heads = _field(reader, f"{arch}.attention.head_count_kv", heads)
-    for tensor in reader.tensors:
-        if tensor.name == _ROPE_FREQS:  # folded into the config's rope_scaling
-            continue
-        name = _hf_name(tensor.name, spec, path)
-        weight = _dequantize(tensor, path)
-        if spec.permute_qk and ".attn_q." in tensor.name:
-            weight = _unpermute_rotary_rows(weight, heads)
-        elif spec.permute_qk and ".attn_k." in tensor.name:
-            weight = _unpermute_rotary_rows(weight, kv_heads)
-        if spec.norm_offset and tensor.name.endswith("norm.weight"):
-            weight = weight - 1  # as transformers' GGUF loader does, in float32
-        yield name, weight
-
-
 def _hf_name(gguf_name: str, spec: _ArchSpec, path: str) -> str:
     stem, _, suffix = gguf_name.rpartition(".")
     if stem in _GLOBAL_NAMES:
@@ -434,20 +402,6 @@ def _hf_name(gguf_name: str, spec: _ArchSpec, path: str) -> str:
     if match is None or match[2] not in spec.layer_names:
         raise ValueError(f"{path}: GGUF tensor {gguf_name!r} has no Hugging Face name for {spec.hf_architecture}")
     return f"model.layers.{match[1]}.{spec.layer_names[match[2]]}.{match[3]}"
-
-
-def _dequantize(tensor: gguf.ReaderTensor, path: str) -> torch.Tensor:
-    import gguf
-
-    try:
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    except NotImplementedError as e:
-        raise ValueError(
-            f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}, which gguf cannot dequantize"
-        ) from e
-    if not values.flags.writeable:  # F32 comes back as a view of the read-only memory map
-        values = np.array(values)
-    return torch.from_numpy(values).float()
 
 
 def _unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
