@@ -172,11 +172,7 @@ class ModelConfig:
         hf_config = normalize_hf_config(raw)
         device = _resolve_device(device)
         _check_quantization(quantization, raw, path, is_gguf, device)
-        if quantization == "gguf" and dtype == "auto":
-            # the quantized kernels compute in float32; the rest of the model follows
-            dtype = "float32"
-            logger.info("dtype auto -> float32: quantization='gguf' computes in float32")
-        resolved_dtype = _resolve_dtype(dtype, hf_config.dtype, is_gguf, device)
+        resolved_dtype = _resolve_dtype(dtype, hf_config.dtype, is_gguf, device, quantization)
         context_len = _context_length(hf_config)
         if max_model_len is None:
             max_model_len = context_len
@@ -221,14 +217,19 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _resolve_dtype(dtype: str, checkpoint_dtype: str | None, is_gguf: bool, device: str) -> str:
-    """auto: float32 checkpoints run in float32; 16-bit (and GGUF) weights in the
-    dtype the device's platform runs fastest (platforms/: bfloat16 on CUDA and on
-    CPUs with native bfloat16 math, else float32). The choice and why are logged."""
+def _resolve_dtype(dtype: str, checkpoint_dtype: str | None, is_gguf: bool, device: str,
+                   quantization: str | None) -> str:
+    """auto: float32 checkpoints run in float32, and so do quantized GGUF weights (their
+    kernels compute in float32); other 16-bit (and GGUF) weights in the dtype the
+    device's platform runs fastest (platforms/: bfloat16 on CUDA; on CPUs with native
+    bfloat16 math the faster measured, else float32). The choice and why are logged."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     if dtype != "auto":
         return dtype
+    if quantization == "gguf":
+        logger.info("dtype auto -> float32: quantization='gguf' computes in float32")
+        return "float32"
     if checkpoint_dtype == "float32" and not is_gguf:
         return "float32"
     from pagedllm.platforms import get_platform

@@ -76,6 +76,4 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = self.linear(hidden_states, self.weight, self.bias)
-        if logits.shape[-1] < self.rows_per_rank:  # quantized weights skip the vocabulary's padding rows
-            logits = F.pad(logits, (0, self.rows_per_rank - logits.shape[-1]))
         return tp_all_gather(logits)[..., :self.vocab_size]

@@ -81,20 +81,16 @@ class QuantizedWeight(nn.Module):
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.out_features, self.in_features = out_features, in_features
+        self.out_features, self.in_features = out_features, in_features  # [out, in], as the float weight
         self.dtype = dtype  # the model's: what lookups return
         self.segments: list[tuple[int, QuantizedTensor]] = []
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.out_features, self.in_features))
 
     def place(self, first_row: int, tensor: QuantizedTensor) -> None:
         self.segments.append((first_row, tensor))
 
     def finalize(self, name: str, padded: bool) -> None:
         """Checks every row is placed once (padded: a vocabulary's padding rows may stay
-        missing at the end, their logits are cut off) and makes each segment a dense
+        missing at the end: the matmul gives them 0) and makes each segment a dense
         matrix (a column slice of a tensor-parallel rank is not)."""
         self.segments.sort(key=lambda segment: segment[0])
         end = 0
@@ -143,10 +139,9 @@ def _replace_weight(module: nn.Module, weight: QuantizedWeight) -> None:
     module.weight = weight
 
 
-def finalize_quantized_weights(model: nn.Module, kernels) -> int:
+def finalize_quantized_weights(model: nn.Module, kernels) -> None:
     """After loading: layers holding quantized segments run on them (kernels: the
-    platform's QuantizedKernels), tied LM heads follow their embedding. Returns the
-    number of quantized layers."""
+    platform's QuantizedKernels), tied LM heads follow their embedding."""
     owners = [(name, module) for name, module in model.named_modules() if getattr(module, "quantized", None)]
     if owners and kernels is None:
         raise ValueError("quantized GGUF weights need the CPU kernels, which could not be built here "
@@ -162,4 +157,3 @@ def finalize_quantized_weights(model: nn.Module, kernels) -> int:
         if tied_to is not None and isinstance(tied_to.weight, QuantizedWeight):
             _replace_weight(module, tied_to.weight)
             module.use_quantized(kernels)
-    return len(owners)

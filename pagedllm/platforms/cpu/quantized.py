@@ -67,14 +67,16 @@ class QuantizedKernels:
         return out
 
     def linear(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., in] @ weight^T (+ bias) -> [..., weight.rows], in x's dtype."""
+        """x [..., in] @ weight^T (+ bias) -> [..., weight.out_features], in x's dtype (a padded
+        vocabulary's rows that were never loaded give 0)."""
         leading = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).float()
         if x2.stride(1) != 1:
             x2 = x2.contiguous()
         bias = bias.float().contiguous() if bias is not None else None
         rows = x2.shape[0]
-        y = torch.empty(rows, weight.rows, dtype=torch.float32)
+        y = torch.empty(rows, weight.out_features, dtype=torch.float32)
+        y[:, weight.rows:] = 0
         if rows <= QUANTIZED_GEMM_MAX_ROWS and self._int8_activations and (table := self._int8_table(weight)):
             self._int8_gemm(y, x2, table, bias)
         else:
@@ -84,7 +86,7 @@ class QuantizedKernels:
                     self._gemm(y, first, x2, tensor, segment_bias)
                 else:
                     self._slab_gemm(y, first, x2, tensor, segment_bias)
-        return y.reshape(*leading, weight.rows).to(x.dtype)
+        return y.reshape(*leading, weight.out_features).to(x.dtype)
 
     def _int8_table(self, weight: QuantizedWeight) -> tuple | None:
         """gguf_gemm_int8's segment arrays for weight (made once per weight), or None where a

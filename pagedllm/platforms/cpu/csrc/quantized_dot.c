@@ -35,6 +35,20 @@ static void quantize_row(int8_t *restrict xq, float *restrict dx, float *restric
     }
 }
 
+/* m of a weight block w = d * q + m (d its scale): stored for the _1 types, implied by the
+ * zero point for Q4_0 (-8d) and Q5_0 (-16d), none for Q8_0. */
+static inline float block_offset(const uint8_t *blk, int64_t type, float d) {
+    switch (type) {
+    case Q4_1:
+    case Q5_1: return half_at(blk + 2);
+    case Q4_0: return -8.0f * d;
+    case Q5_0: return -16.0f * d;
+    default: return 0.0f;
+    }
+}
+
+#define X_ROWS 4 /* activation rows per pass over a weight row: each block is unpacked once for 4 */
+
 #if defined(__AVX2__)
 #include <immintrin.h>
 
@@ -90,8 +104,6 @@ static inline __m256i signed_activations(const uint8_t *blk, int64_t type, const
     return type == Q8_0 ? _mm256_sign_epi8(x, _mm256_loadu_si256((const __m256i *)(blk + 2))) : x;
 }
 
-#define X_ROWS 4 /* activation rows per pass over a weight row: each block is unpacked once for 4 */
-
 /* One weight row against n <= X_ROWS quantized activation rows (row i at xq + i * in,
  * its per-block scales at dx + i * num_blocks) -> out[0..n). */
 static void row_dots(float *out, const uint8_t *row, int64_t type, const int8_t *xq, const float *dx,
@@ -106,8 +118,7 @@ static void row_dots(float *out, const uint8_t *row, int64_t type, const int8_t 
     for (int64_t b = 0; b < num_blocks; ++b) {
         const uint8_t *blk = row + b * bytes;
         const float d = half_at(blk);
-        const float m = type == Q4_1 || type == Q5_1 ? half_at(blk + 2)
-                        : type == Q4_0 ? -8.0f * d : type == Q5_0 ? -16.0f * d : 0.0f;
+        const float m = block_offset(blk, type, d);
         const __m256i q = weight_bytes(blk, type);
         for (int i = 0; i < n; ++i) {
             const int64_t at = i * num_blocks + b;
@@ -135,8 +146,6 @@ static inline int block_dot(const uint8_t *blk, int64_t type, const int8_t *xq) 
     return sum;
 }
 
-#define X_ROWS 4 /* activation rows per call (no tiling gain without vectors; kept for one loop shape) */
-
 static void row_dots(float *out, const uint8_t *row, int64_t type, const int8_t *xq, const float *dx,
                      const float *dx_sum, int64_t in, int64_t num_blocks, int n) {
     const int64_t bytes = block_bytes(type);
@@ -145,8 +154,7 @@ static void row_dots(float *out, const uint8_t *row, int64_t type, const int8_t 
         for (int64_t b = 0; b < num_blocks; ++b) {
             const uint8_t *blk = row + b * bytes;
             const float d = half_at(blk);
-            const float m = type == Q4_1 || type == Q5_1 ? half_at(blk + 2)
-                            : type == Q4_0 ? -8.0f * d : type == Q5_0 ? -16.0f * d : 0.0f;
+            const float m = block_offset(blk, type, d);
             const int64_t at = i * num_blocks + b;
             acc += (float)block_dot(blk, type, xq + i * in + b * BLOCK) * (d * dx[at]);
             offsets += m * dx_sum[at];
