@@ -76,7 +76,8 @@ class QuantizedKernels:
         bias = bias.float().contiguous() if bias is not None else None
         rows = x2.shape[0]
         y = torch.empty(rows, weight.out_features, dtype=torch.float32)
-        y[:, weight.rows:] = 0
+        if weight.rows < weight.out_features:  # only a padded vocabulary's last rank
+            y[:, weight.rows:] = 0
         if rows <= QUANTIZED_GEMM_MAX_ROWS and self._int8_activations and (table := self._int8_table(weight)):
             self._int8_gemm(y, x2, table, bias)
         else:
