@@ -67,6 +67,11 @@ class EngineArgs:
     distributed_executor_backend: str = _option(
         "mp", "how the ranks run with -tp > 1: local processes (mp) or Ray actors, possibly on several machines "
         "(ray; needs pip install pagedllm[ray])", choices=("mp", "ray"))
+    data_parallel_size: int = _option(
+        1, "serve with this many engine cores, each a whole copy of the model in its own process (with its own "
+        "-tp ranks) and its own KV cache; requests go to the replica holding the longest cached prefix of their "
+        "prompt unless it is much busier. pagedllm serve only (the CPU cores are shared among them)",
+        flags=("-dp", "--data-parallel-size"), cli_type=int)
 
     def create_engine_config(self) -> EngineConfig:
         """Validated configs; a bad value raises ValueError naming it."""
@@ -80,7 +85,8 @@ class EngineArgs:
             max_num_batched_tokens = 2048 if model_config.device == "cpu" else 8192
         scheduler = SchedulerConfig(self.max_num_seqs, max_num_batched_tokens, model_config.max_model_len)
         return EngineConfig(model_config, cache, scheduler,
-                            ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend))
+                            ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend,
+                                           self.data_parallel_size))
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:

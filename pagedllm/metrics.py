@@ -1,9 +1,12 @@
 """Prometheus metrics of a serving engine (vLLM's names, prefix `pagedllm:`) and the
 periodic stats log line.
 
-`EngineMetrics.observe` is the async engine's step observer: it runs on the
-engine thread after every loop turn, sees the scheduler's stats and the turn's
-output deltas, and updates everything from them. Each engine has its own
+`EngineMetrics.observe` is the async engine's step observer: it runs on the event
+loop for every report of an engine core (one per loop turn of each data-parallel
+replica), sees that replica's scheduler stats and the turn's output deltas, and
+updates everything from them. The engine-wide gauges and counters add the replicas
+up; the `dp_replica_*` series (label `replica`) show each replica's load and prefix
+cache hits, which is where prefix-aware routing shows. Each engine has its own
 registry, so several servers can live in one process (tests).
 """
 
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from pagedllm.core.scheduler import SchedulerStats
+from pagedllm.core.scheduler import SchedulerStats, combined_stats
 from pagedllm.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -71,33 +74,59 @@ class EngineMetrics:
         self.queue_time = metric(Histogram, "request_queue_time_seconds", "Arrival to the start of the step that "
                                  "produced the first output (its first scheduling, unless its prompt was chunked).",
                                  buckets=REQUEST_LATENCY_BUCKETS)
+        self.replica_running = metric(Gauge, "dp_replica_num_requests_running", "Requests in a replica's running "
+                                      "batch.", extra_labels=["replica"])
+        self.replica_waiting = metric(Gauge, "dp_replica_num_requests_waiting", "Requests waiting in a replica.",
+                                      extra_labels=["replica"])
+        self.replica_prefix_queries = metric(Counter, "dp_replica_prefix_cache_queries", "Prompt tokens a replica "
+                                             "looked up in its prefix cache.", extra_labels=["replica"])
+        self.replica_prefix_hits = metric(Counter, "dp_replica_prefix_cache_hits", "Prompt tokens a replica found "
+                                          "in its prefix cache.", extra_labels=["replica"])
         self._totals = _Totals()
         self._logged = _Totals()
         self._logged_at = time.monotonic()
+        # Each replica's latest stats, and the totals its counters were last advanced to.
+        self._replica_stats: dict[int, SchedulerStats] = {}
+        self._replica_totals: dict[int, _Totals] = {}
         self._stats: SchedulerStats | None = None
         # Request id -> time of its latest tokens, for inter-token latency.
         self._last_token_times: dict[str, float] = {}
 
-    # ---- engine thread ---------------------------------------------------------------
+    # ---- event loop: a report of an engine core -----------------------------------------
 
-    def observe(self, stats: SchedulerStats, outputs: list[RequestOutput], turn_started: float) -> None:
-        self._observe_scheduler(stats)
+    def observe(self, replica: int, stats: SchedulerStats, outputs: list[RequestOutput],
+                turn_started: float) -> None:
+        self._observe_scheduler(replica, stats)
         for output in outputs:
             self._observe_output(output, turn_started)
 
-    def _observe_scheduler(self, stats: SchedulerStats) -> None:
-        self.running.set(stats.num_running)
-        self.waiting.set(stats.num_waiting)
-        self.kv_usage.set(stats.kv_cache_usage)
-        totals = self._totals
+    def _observe_scheduler(self, replica: int, stats: SchedulerStats) -> None:
+        self._replica_stats[replica] = stats
+        engine = combined_stats(list(self._replica_stats.values()))
+        self.running.set(engine.num_running)
+        self.waiting.set(engine.num_waiting)
+        self.kv_usage.set(engine.kv_cache_usage)
+        label = str(replica)
+        self.replica_running.labels(self.model_name, label).set(stats.num_running)
+        self.replica_waiting.labels(self.model_name, label).set(stats.num_waiting)
         # The scheduler keeps totals; counters take the increments.
-        self.preemptions.inc(stats.num_preemptions_total - totals.preemptions)
-        self.prefix_queries.inc(stats.prefix_cache_queried_tokens - totals.prefix_queries)
-        self.prefix_hits.inc(stats.prefix_cache_hit_tokens - totals.prefix_hits)
-        totals.preemptions = stats.num_preemptions_total
-        totals.prefix_queries = stats.prefix_cache_queried_tokens
-        totals.prefix_hits = stats.prefix_cache_hit_tokens
-        self._stats = stats
+        last = self._replica_totals.setdefault(replica, _Totals())
+        increments = _Totals(preemptions=stats.num_preemptions_total - last.preemptions,
+                             prefix_queries=stats.prefix_cache_queried_tokens - last.prefix_queries,
+                             prefix_hits=stats.prefix_cache_hit_tokens - last.prefix_hits)
+        last.preemptions = stats.num_preemptions_total
+        last.prefix_queries = stats.prefix_cache_queried_tokens
+        last.prefix_hits = stats.prefix_cache_hit_tokens
+        self.preemptions.inc(increments.preemptions)
+        self.prefix_queries.inc(increments.prefix_queries)
+        self.prefix_hits.inc(increments.prefix_hits)
+        self.replica_prefix_queries.labels(self.model_name, label).inc(increments.prefix_queries)
+        self.replica_prefix_hits.labels(self.model_name, label).inc(increments.prefix_hits)
+        totals = self._totals
+        totals.preemptions += increments.preemptions
+        totals.prefix_queries += increments.prefix_queries
+        totals.prefix_hits += increments.prefix_hits
+        self._stats = engine
 
     def _observe_output(self, output: RequestOutput, turn_started: float) -> None:
         times = output.metrics

@@ -10,6 +10,7 @@ When the pool is full the most recently admitted running request is preempted
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -31,6 +32,14 @@ class SchedulerStats:
     prefix_cache_hit_tokens: int
     num_unfilled_slots: int
     num_used_slots: int
+
+
+def combined_stats(replica_stats: list[SchedulerStats]) -> SchedulerStats:
+    """The replicas' stats as one engine's: counts and totals add up, KV usage is the mean."""
+    total = {field.name: sum(getattr(stats, field.name) for stats in replica_stats)
+             for field in dataclasses.fields(SchedulerStats)}
+    total["kv_cache_usage"] /= len(replica_stats)
+    return SchedulerStats(**total)
 
 
 class Scheduler:

@@ -1,87 +1,85 @@
-"""AsyncLLMEngine: the server's driver of an LLMEngine.
+"""AsyncLLMEngine: the server's engine.
 
-One background thread owns the engine: it applies the adds and aborts that
-handlers queue, then steps. Every engine mutation happens on that thread, so the
-engine needs no locks, and the model step never blocks the event loop. Each
-`generate` call gets its outputs (per-step deltas) through its own asyncio
-queue; closing or cancelling the call aborts its requests, freeing their blocks
-right after the step in progress.
-
-Test hook: with the environment variable PAGEDLLM_FAULT_INJECT_STEP=N, the N-th
-model step (counting from 1) raises instead of running, so that tests can check
-end to end how a failing step is reported. Never set it in production.
+The text side lives here, on the event loop: the tokenizer, the input processor
+(the handlers validate each prompt once into an EngineCoreRequest) and the output
+processor (incremental detokenization, stop strings, logprobs, per-request deltas).
+The engine cores -- scheduler, KV cache manager, executor -- run in their own
+processes (core_process.py), one per data-parallel replica, fed token ids; a router
+(dp_router.py) picks each request's replica. A receiver thread per core hands its
+per-step report to the event loop, which turns it into deltas for the `generate`
+calls waiting on them; closing or cancelling a call aborts its requests, freeing
+their blocks right after the step in progress. A core that dies fails every request
+in flight and turns the engine unhealthy at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
-import os
-import queue
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
-from pagedllm.core.scheduler import SchedulerStats
-from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.config import EngineConfig
+from pagedllm.core.scheduler import SchedulerStats, combined_stats
+from pagedllm.engine.core_process import AddRequests, CoreProcess, FinishRequests, StepReport
+from pagedllm.engine.dp_router import DataParallelRouter
+from pagedllm.engine.engine_core import EngineCoreRequest
+from pagedllm.engine.input_processor import InputProcessor, load_tokenizer
+from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.request import RequestStatus
 
 logger = logging.getLogger(__name__)
 
-# Called on the engine thread after every loop turn: (stats, outputs, turn start time).
-StepObserver = Callable[[SchedulerStats, list[RequestOutput], float], None]
-FAULT_INJECT_ENV = "PAGEDLLM_FAULT_INJECT_STEP"
+# Called on the event loop for every report: (replica, its stats, the deltas, the turn's start time).
+StepObserver = Callable[[int, SchedulerStats, list[RequestOutput], float], None]
 
 
 class EngineDeadError(RuntimeError):
-    """The engine loop stopped (a step failed, or the server is shutting down)."""
-
-
-@dataclass(frozen=True)
-class EngineRequest:
-    """A tokenized, validated prompt to add to the engine."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    arrival_time: float
-    # Only requests with the same salt share prefix-cache blocks (LLMEngine.add_tokenized_request).
-    cache_salt: str | None = None
-
-
-class _Command(enum.Enum):
-    ADD = "add"
-    ABORT = "abort"
-    STOP = "stop"
+    """An engine core stopped (a step failed, its process died, or the server is shutting down)."""
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, step_observer: StepObserver | None = None) -> None:
-        self.engine = engine
+    def __init__(self, config: EngineConfig, step_observer: StepObserver | None = None,
+                 routing: str = "prefix") -> None:
+        """Start the engine cores (config.parallel.data_parallel_size of them, loading in
+        parallel) and wait until all are ready; a core's start-up error is raised here."""
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model)
+        self.input_processor = InputProcessor(config.model, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer)
         self._observer = step_observer
-        self._commands: queue.SimpleQueue[tuple[_Command, list]] = queue.SimpleQueue()
-        # Engine request id -> the queue of the generate() call that owns it (event loop only).
+        self.cores: list[CoreProcess] = []
+        try:
+            for replica in range(config.parallel.data_parallel_size):
+                self.cores.append(CoreProcess(config, replica))
+            ready = [core.wait_ready() for core in self.cores]
+        except BaseException:
+            for core in self.cores:
+                core.shutdown()
+            raise
+        self.num_blocks = ready[0].num_blocks  # per replica
+        self.kv_cache_bytes = ready[0].kv_cache_bytes
+        self.router = DataParallelRouter([r.num_blocks for r in ready], config.cache.block_size, routing)
+        idle = SchedulerStats(0, 0, 0.0, 0, 0, 0, 0, 0)
+        self.replica_stats: list[SchedulerStats] = [idle] * len(self.cores)
+        # Requests sent to a replica that its reports have not counted yet.
+        self._num_unadmitted = [0] * len(self.cores)
+        # Engine request id -> the queue of the generate() call that owns it.
         self._queues: dict[str, asyncio.Queue] = {}
+        # Engine request id -> (its replica, its number of samples) while in flight.
+        self._placement: dict[str, tuple[int, int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self.error: EngineDeadError | None = None
-        # Written by the engine thread, read by handlers (plain attribute reads are atomic).
-        self.stats: SchedulerStats = engine.engine_core.stats()
-        self._num_submitted = 0  # requests handed to the thread (event loop writes)
-        self._num_admitted = 0  # of those, added to the engine (engine thread writes)
-        self._num_steps = 0
-        self._fault_step = int(os.environ.get(FAULT_INJECT_ENV) or 0)  # the test hook; 0: off
 
-    # ---- lifecycle (event loop) --------------------------------------------------
+    # ---- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
-        self._thread.start()
+        """On the event loop: start taking the cores' reports."""
+        self._loop = loop = asyncio.get_running_loop()
+        for core in self.cores:
+            core.start_receiving(lambda replica, report: loop.call_soon_threadsafe(self._on_report, replica, report),
+                                 lambda replica, reason: loop.call_soon_threadsafe(self._on_death, replica, reason))
 
     def fail_all_threadsafe(self, reason: str) -> None:
         """From any thread (or a signal handler): fail every in-flight request, whose
@@ -90,38 +88,49 @@ class AsyncLLMEngine:
             self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(reason))
 
     async def shutdown(self) -> None:
-        if self._thread is None:
-            return
         self._fail_all(EngineDeadError("the server is shutting down"))
-        self._commands.put((_Command.STOP, []))
-        await asyncio.to_thread(self._thread.join)
-        self._thread = None
-        self.engine.engine_core.shutdown()
+        await asyncio.gather(*(asyncio.to_thread(core.shutdown) for core in self.cores))
 
     @property
     def is_healthy(self) -> bool:
-        return self.error is None and self._thread is not None and self._thread.is_alive()
+        return self.error is None and self._loop is not None and all(core.is_alive() for core in self.cores)
+
+    @property
+    def stats(self) -> SchedulerStats:
+        return combined_stats(self.replica_stats)
 
     @property
     def num_waiting(self) -> int:
-        """Requests not yet running: the scheduler's queue plus those not yet handed to it."""
-        return self.stats.num_waiting + self._num_submitted - self._num_admitted
+        """Requests not yet running: the schedulers' queues plus those not yet in them."""
+        return sum(stats.num_waiting for stats in self.replica_stats) + sum(self._num_unadmitted)
 
-    # ---- requests (event loop) ---------------------------------------------------
+    # ---- requests ---------------------------------------------------------------------
 
-    async def generate(self, requests: list[EngineRequest]) -> AsyncIterator[RequestOutput]:
-        """Add the requests; yield their deltas as they come, until all finished.
-        Raises EngineDeadError if the engine stops, ValueError if the engine
-        refuses a request. Use with contextlib.aclosing so that leaving early
-        aborts at once."""
+    async def generate(self, requests: list[EngineCoreRequest],
+                       prompts: list[str | None] | None = None) -> AsyncIterator[RequestOutput]:
+        """Add validated requests (prompts: their text, for the outputs); yield their
+        deltas as they come, until all finished. Raises EngineDeadError if an engine
+        core stops, ValueError if a core refuses a request. Use with
+        contextlib.aclosing so that leaving early aborts at once."""
         if not self.is_healthy:
             raise self.error or EngineDeadError("the engine is not running")
+        for request in requests:
+            if request.request_id in self._queues:
+                raise ValueError(f"request id {request.request_id!r} is already in use")
         outputs: asyncio.Queue = asyncio.Queue()
+        batches: dict[int, list[EngineCoreRequest]] = {}
+        for request, prompt in zip(requests, prompts or [None] * len(requests)):
+            params = request.params
+            replica = self.router.route(request.prompt_token_ids, request.cache_salt, params.n)
+            self.output_processor.add_request(request.request_id, request.child_ids, prompt,
+                                              request.prompt_token_ids, params, True, request.arrival_time)
+            self._queues[request.request_id] = outputs
+            self._placement[request.request_id] = (replica, params.n)
+            batches.setdefault(replica, []).append(request)
+        for replica, batch in batches.items():
+            self._num_unadmitted[replica] += len(batch)
+            self.cores[replica].send(AddRequests(batch))
         unfinished = {request.request_id for request in requests}
-        for request_id in unfinished:
-            self._queues[request_id] = outputs
-        self._num_submitted += len(requests)
-        self._commands.put((_Command.ADD, requests))
         try:
             while unfinished:
                 item = await outputs.get()
@@ -133,76 +142,57 @@ class AsyncLLMEngine:
         finally:
             for request in requests:
                 self._queues.pop(request.request_id, None)
-            if unfinished:
-                self._commands.put((_Command.ABORT, list(unfinished)))
+            for request_id in unfinished:
+                self._abort(request_id)
 
-    def _dispatch(self, items: list[tuple[str, RequestOutput | Exception]]) -> None:
-        for request_id, item in items:
-            outputs = self._queues.get(request_id)
-            if outputs is not None:  # None: its caller left (aborted) meanwhile
-                outputs.put_nowait(item)
+    def _abort(self, request_id: str) -> None:
+        """Stop a request its caller left: its samples finish in its core, its blocks free."""
+        placement = self._placement.get(request_id)
+        if placement is None:
+            return  # already finished, refused, or failed with its core
+        child_ids = self.output_processor.child_ids(request_id)
+        output = self.output_processor.abort(request_id)
+        self._release(request_id)
+        replica = placement[0]
+        self.cores[replica].send(FinishRequests(child_ids, RequestStatus.FINISHED_ABORTED))
+        if output is not None and self._observer is not None:
+            self._observer(replica, self.replica_stats[replica], [output], time.monotonic())
+
+    def _release(self, request_id: str) -> None:
+        replica, num_samples = self._placement.pop(request_id)
+        self.router.finished(replica, num_samples)
+
+    def _on_report(self, replica: int, report: StepReport) -> None:
+        self.replica_stats[replica] = report.stats
+        self._num_unadmitted[replica] -= report.num_admitted
+        for request_id, reason in report.refused:
+            self.output_processor.abort(request_id)
+            self._release(request_id)
+            self._dispatch(request_id, ValueError(reason))
+        outputs, to_stop = self.output_processor.process_outputs(report.outputs)
+        if to_stop:  # samples that reached a stop string: their core stops them now
+            self.cores[replica].send(FinishRequests(to_stop, RequestStatus.FINISHED_STOPPED))
+        for output in outputs:
+            if output.finished:
+                self._release(output.request_id)
+            self._dispatch(output.request_id, output)
+        if self._observer is not None:
+            self._observer(replica, report.stats, outputs, report.turn_started)
+
+    def _dispatch(self, request_id: str, item: RequestOutput | Exception) -> None:
+        outputs = self._queues.get(request_id)
+        if outputs is not None:  # None: its caller left meanwhile
+            outputs.put_nowait(item)
+
+    def _on_death(self, replica: int, reason: str) -> None:
+        logger.error("engine core %d stopped: %s; failing every request in flight", replica, reason)
+        self._fail_all(EngineDeadError(reason))
 
     def _fail_all(self, error: EngineDeadError) -> None:
-        self.error = error
+        if self.error is None:
+            self.error = error
+        for request_id in list(self._placement):
+            self.output_processor.abort(request_id)
+            self._release(request_id)
         for outputs in set(self._queues.values()):
             outputs.put_nowait(error)
-
-    # ---- the engine thread --------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            while True:
-                commands = self._next_commands()
-                if any(kind is _Command.STOP for kind, _ in commands):
-                    return
-                started = time.monotonic()
-                outputs, num_added = self._apply(commands)
-                if self.engine.has_unfinished_requests():
-                    outputs += self._step()
-                self.stats = self.engine.engine_core.stats()
-                # Counted only now that self.stats includes them: num_waiting may over-count, never under.
-                self._num_admitted += num_added
-                if self._observer is not None:
-                    self._observer(self.stats, outputs, started)
-                if outputs:
-                    self._loop.call_soon_threadsafe(self._dispatch, [(o.request_id, o) for o in outputs])
-        except Exception as failure:  # noqa: BLE001 - any failure kills the loop; clients get a clean 503
-            logger.exception("engine loop failed; the engine is dead and in-flight requests fail")
-            # The type says what happened; the message and trace may hold paths, so they stay in the log.
-            error = EngineDeadError(f"the engine stopped after an internal error ({type(failure).__name__}); "
-                                    "see the server log")
-            self._loop.call_soon_threadsafe(self._fail_all, error)
-
-    def _step(self) -> list[RequestOutput]:
-        self._num_steps += 1
-        if self._num_steps == self._fault_step:
-            raise RuntimeError(f"fault injected into model step {self._num_steps} ({FAULT_INJECT_ENV})")
-        return self.engine.step()
-
-    def _next_commands(self) -> list[tuple[_Command, list]]:
-        """Block while idle; otherwise take whatever arrived during the last step."""
-        commands = []
-        if not self.engine.has_unfinished_requests():
-            commands.append(self._commands.get())
-        while True:
-            try:
-                commands.append(self._commands.get_nowait())
-            except queue.Empty:
-                return commands
-
-    def _apply(self, commands: list[tuple[_Command, list]]) -> tuple[list[RequestOutput], int]:
-        """Apply adds and aborts in arrival order -> (aborted requests' outputs, number added)."""
-        aborted, num_added = [], 0
-        for kind, payload in commands:
-            if kind is _Command.ABORT:
-                aborted += self.engine.abort_request(payload)
-                continue
-            for request in payload:
-                try:
-                    self.engine.add_tokenized_request(request.request_id, request.prompt, request.prompt_token_ids,
-                                                      request.params, request.arrival_time, stream=True,
-                                                      cache_salt=request.cache_salt)
-                except ValueError as error:
-                    self._loop.call_soon_threadsafe(self._dispatch, [(request.request_id, error)])
-            num_added += len(payload)
-        return aborted, num_added

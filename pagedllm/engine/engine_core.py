@@ -1,17 +1,40 @@
-"""EngineCore: the scheduler and the executor, stepped together."""
+"""EngineCore: the scheduler and the executor, stepped together, and EngineCoreRequest,
+the one validated request type that the offline LLM and the server both hand it."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager, cdiv
 from pagedllm.core.scheduler import Scheduler, SchedulerStats
 from pagedllm.core.scheduler_output import EngineCoreOutput, GrammarBitmask, SchedulerOutput
 from pagedllm.request import Request, RequestStatus
-from pagedllm.structured_output.grammar import fill_bitmask
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_output.grammar import GrammarCompiler, fill_bitmask
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineCoreRequest:
+    """A tokenized prompt the input processor has validated (InputProcessor.validate):
+    token ids and parameters only, the text stays with the caller. It crosses to an
+    engine-core process as it is (core_process.py)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    # Only requests with the same salt share prefix-cache blocks (None: all unsalted ones).
+    cache_salt: str | None = None
+
+    @property
+    def child_ids(self) -> list[str]:
+        """The scheduler's request per sample: the id itself, or id#0..id#n-1 for n > 1."""
+        n = self.params.n
+        return [self.request_id] if n == 1 else [f"{self.request_id}#{i}" for i in range(n)]
 
 
 def create_executor(config: EngineConfig):
@@ -30,8 +53,11 @@ def create_executor(config: EngineConfig):
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, grammar_compiler: GrammarCompiler | None) -> None:
+        """grammar_compiler: compiles requests' structured_outputs (None: a model without
+        tokenizer, whose requests the input processor already refuses them)."""
         self.config = config
+        self.grammar_compiler = grammar_compiler
         self.executor = create_executor(config)
         try:
             self._init_kv_cache(config)
@@ -64,8 +90,23 @@ class EngineCore:
                     f" on each of {config.parallel.tensor_parallel_size} ranks"
                     if config.parallel.tensor_parallel_size > 1 else "")
 
-    def add_request(self, request: Request) -> None:
-        self.scheduler.add_request(request)
+    def add_request(self, core_request: EngineCoreRequest) -> None:
+        """Queue one scheduler request per sample. Raises ValueError if the grammar does
+        not compile (the input processor compiled it already: a cache hit in-process)."""
+        params = core_request.params
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.grammar_compiler.compile(params.structured_outputs)
+        first = None
+        for index, child_id in enumerate(core_request.child_ids):
+            request = Request(child_id, core_request.prompt_token_ids, params, core_request.arrival_time,
+                              sample_index=index, cache_salt=core_request.cache_salt)
+            if grammar is not None:
+                request.grammar = grammar.new_matcher()  # each sample walks the grammar on its own
+            # Samples 2..n share the first sample's prompt blocks once it is computed.
+            request.fork_source = first
+            first = first or request
+            self.scheduler.add_request(request)
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
         self.scheduler.finish_requests(request_ids, status)

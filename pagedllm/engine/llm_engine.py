@@ -6,12 +6,12 @@ import logging
 import time
 
 from pagedllm.config import EngineConfig
-from pagedllm.engine.engine_core import EngineCore
+from pagedllm.engine.engine_core import EngineCore, EngineCoreRequest
 from pagedllm.engine_args import EngineArgs
 from pagedllm.engine.input_processor import InputProcessor, PromptInput, load_tokenizer, validate_cache_salt
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.outputs import RequestOutput
-from pagedllm.request import Request, RequestStatus
+from pagedllm.request import RequestStatus
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -20,10 +20,14 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         started = time.monotonic()
+        if config.parallel.data_parallel_size > 1:
+            raise ValueError(f"data_parallel_size={config.parallel.data_parallel_size}: the offline engine runs one "
+                             "engine core in this process; data-parallel replicas are served by "
+                             "`pagedllm serve --data-parallel-size N`")
         self.config = config
         self.tokenizer = load_tokenizer(config.model)  # None with skip_tokenizer_init
         self.input_processor = InputProcessor(config.model, self.tokenizer)
-        self.engine_core = EngineCore(config)
+        self.engine_core = EngineCore(config, self.input_processor.grammar_compiler)
         self.output_processor = OutputProcessor(self.tokenizer)
         logger.info("engine ready in %.1f s: %s (%s, %s)", time.monotonic() - started, config.model.path,
                     config.model.architecture, config.model.dtype)
@@ -55,20 +59,10 @@ class LLMEngine:
         cache_salt = validate_cache_salt(cache_salt)
         token_ids, params = self.input_processor.validate(token_ids, params)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
-        child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
-        grammar = None
-        if params.structured_outputs is not None:
-            grammar = self.input_processor.grammar_compiler.compile(params.structured_outputs)
-        self.output_processor.add_request(request_id, child_ids, prompt, token_ids, params, stream, arrival_time)
-        first = None
-        for index, child_id in enumerate(child_ids):
-            request = Request(child_id, token_ids, params, arrival_time, sample_index=index, cache_salt=cache_salt)
-            if grammar is not None:
-                request.grammar = grammar.new_matcher()  # each sample walks the grammar on its own
-            # Samples 2..n share the first sample's prompt blocks once it is computed.
-            request.fork_source = first
-            first = first or request
-            self.engine_core.add_request(request)
+        core_request = EngineCoreRequest(request_id, token_ids, params, arrival_time, cache_salt)
+        self.engine_core.add_request(core_request)
+        self.output_processor.add_request(request_id, core_request.child_ids, prompt, token_ids, params, stream,
+                                          arrival_time)
 
     def abort_request(self, request_ids: list[str]) -> list[RequestOutput]:
         """Abort parents (all their samples); frees their blocks at once."""

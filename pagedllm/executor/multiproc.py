@@ -140,7 +140,7 @@ def _stop_workers(processes: list[BaseProcess], conns: list[Connection]) -> None
 def _worker_main(model_config: ModelConfig, cache_config: CacheConfig, rank: int, world_size: int,
                  init_method: str, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with_parent()
+    exit_with_parent()
     if model_config.device == "cpu":
         # The ranks share this host's cores; each one's default (all of them) would oversubscribe.
         torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
@@ -166,9 +166,10 @@ def _call(function, *args) -> tuple[bool, Any]:
         return False, traceback.format_exc()
 
 
-def _exit_with_parent() -> None:
-    """Leave no orphan: exit as soon as the engine process dies, whatever this rank is
-    doing (loading weights, blocked in a collective)."""
+def exit_with_parent() -> None:
+    """Leave no orphan: exit as soon as the parent process (the engine, or the server
+    for an engine core) dies, whatever this process is doing (loading weights, blocked
+    in a collective, stepping)."""
     parent = multiprocessing.parent_process()
 
     def watch() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import threading
 import time
 
 import psutil
@@ -17,9 +16,11 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineRequest
+from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from pagedllm.engine.engine_core import EngineCoreRequest
+from pagedllm.engine_args import EngineArgs
 from pagedllm.executor.distributed import WorkerError
-from tests.distributed.conftest import ENGINE_ARGS, assert_same_outputs, child_pids, greedy_outputs, shutdown
+from tests.distributed.conftest import ENGINE_ARGS, MAX_MODEL_LEN, assert_same_outputs, child_pids, greedy_outputs, shutdown
 from tests.tiny_models import save_tiny_model
 
 pytestmark = pytest.mark.timeout(180)
@@ -70,39 +71,27 @@ def test_killed_worker_raises_a_clear_error_and_leaves_nothing(tiny_checkpoints,
     assert_same_outputs(greedy_outputs(bystander_llm), bystander_outputs)
 
 
-def test_killed_sampling_rank_fails_the_servers_requests(tiny_checkpoints, monkeypatch):
+def test_killed_sampling_rank_fails_the_servers_requests(tiny_checkpoints):
     children_before = child_pids()
-    llm = LLM(tiny_checkpoints[MODEL], tensor_parallel_size=2, **ENGINE_ARGS)
-    pids = _worker_pids(llm)
-    killed = threading.Event()
-    real_step = llm.llm_engine.step
-    num_steps = []
-
-    def one_step_then_wait_for_the_kill():
-        # The request gets its first token, then the engine waits for the kill: however fast the machine, it
-        # cannot finish first (the wait is bounded so that a failing test still ends).
-        if num_steps:
-            killed.wait(timeout=30)
-        num_steps.append(1)
-        return real_step()
-
-    monkeypatch.setattr(llm.llm_engine, "step", one_step_then_wait_for_the_kill)
+    config = EngineArgs(model=tiny_checkpoints[MODEL], tensor_parallel_size=2, **ENGINE_ARGS).create_engine_config()
+    async_engine = AsyncLLMEngine(config)
+    core = psutil.Process(async_engine.cores[0].process.pid)
+    ranks = sorted(core.children(), key=lambda p: p.create_time())  # started in rank order
+    pids = [core.pid] + [rank.pid for rank in ranks]
+    longest = SamplingParams(temperature=0, max_tokens=MAX_MODEL_LEN - 3, ignore_eos=True)
 
     async def scenario() -> None:
-        async_engine = AsyncLLMEngine(llm.llm_engine)
         async_engine.start()
         try:
-            stream = async_engine.generate([EngineRequest("r", None, [5, 6, 7], LONG, time.monotonic())])
+            stream = async_engine.generate([EngineCoreRequest("r", [5, 6, 7], longest, time.monotonic())])
             await anext(stream)
-            os.kill(pids[0], signal.SIGKILL)  # rank 0 is the one that samples
-            killed.set()
-            with pytest.raises(EngineDeadError):
+            os.kill(ranks[0].pid, signal.SIGKILL)  # rank 0 is the one that samples
+            with pytest.raises(EngineDeadError, match="internal error"):
                 async with asyncio.timeout(ERROR_WITHIN_S):
                     async for _ in stream:
                         pass
             assert not async_engine.is_healthy  # what /health reports as 503
         finally:
-            killed.set()
             await async_engine.shutdown()
 
     asyncio.run(scenario())

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from pagedllm.engine.async_engine import FAULT_INJECT_ENV
+from pagedllm.engine.core_process import FAULT_INJECT_ENV
 from tests.entrypoints.conftest import metric_value, start_server
 from tests.entrypoints.test_server_security import LEAK
 

@@ -49,7 +49,7 @@ def test_error_bodies_hold_no_trace_or_path(server, http):
 
 def test_an_unexpected_exception_is_a_bare_500():
     """The handler of last resort: the exception (here naming a file) stays in the log."""
-    stub_engine = types.SimpleNamespace(engine=types.SimpleNamespace(input_processor=None, tokenizer=None))
+    stub_engine = types.SimpleNamespace(input_processor=None, tokenizer=None)
     serving = OpenAIServing(stub_engine, MODEL, None, ServerLimits())
 
     def broken():

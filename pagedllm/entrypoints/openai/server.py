@@ -23,8 +23,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pagedllm import __version__
 from pagedllm.config import DEFAULT_MODEL_ALIAS
 from pagedllm.engine.async_engine import AsyncLLMEngine
-from pagedllm.engine.llm_engine import LLMEngine
-from pagedllm.entrypoints.cli_args import add_engine_args, engine_kwargs
+from pagedllm.engine.dp_router import ROUTING_POLICIES
+from pagedllm.engine_args import EngineArgs
+from pagedllm.entrypoints.cli_args import add_engine_args
 from pagedllm.entrypoints.openai.guards import ApiKeyMiddleware, BodyLimitMiddleware, error_response
 from pagedllm.entrypoints.openai.limits import add_limit_args, limits_from_args
 from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
@@ -205,18 +206,22 @@ def run_server(args: argparse.Namespace) -> int:
     chat_template = load_chat_template(args.chat_template)
     limits = limits_from_args(args)
     allowed_origins = [origin.strip() for origin in (args.allowed_origins or "").split(",") if origin.strip()]
-    engine = LLMEngine.from_args(**engine_kwargs(args))
-    engine.input_processor.grammar_compiler.prepare()
+    config = EngineArgs.from_cli_args(args).create_engine_config()
     model_name = args.served_model_name or args.model or DEFAULT_MODEL_ALIAS
     metrics = EngineMetrics(model_name)
-    serving = OpenAIServing(AsyncLLMEngine(engine, metrics.observe), model_name, chat_template, limits,
-                            args.tool_call_parser, args.reasoning_parser)
+    engine = AsyncLLMEngine(config, metrics.observe, args.data_parallel_routing)
+    engine.input_processor.grammar_compiler.prepare()
+    serving = OpenAIServing(engine, model_name, chat_template, limits, args.tool_call_parser, args.reasoning_parser)
     app = build_app(serving, metrics, args.api_key, allowed_origins)
-    config, core = engine.config, engine.engine_core
-    logger.info("serving %s (%s, %s, max_model_len %d); KV pool: %d blocks x %d = %d tokens, %.3f GiB; "
-                "http://%s:%d/v1%s", model_name, config.model.path, config.model.dtype, config.model.max_model_len,
-                core.num_blocks, config.cache.block_size, core.num_blocks * config.cache.block_size,
-                core.kv_cache_bytes / 2**30, args.host, args.port, " (API key required)" if args.api_key else "")
+    num_replicas = len(engine.cores)
+    logger.info("serving %s (%s, %s, max_model_len %d); KV pool: %d blocks x %d = %d tokens, %.3f GiB%s; "
+                "engine core%s in pid %s; http://%s:%d/v1%s", model_name, config.model.path, config.model.dtype,
+                config.model.max_model_len, engine.num_blocks, config.cache.block_size,
+                engine.num_blocks * config.cache.block_size, engine.kv_cache_bytes / 2**30,
+                f" in each of {num_replicas} data-parallel replicas ({args.data_parallel_routing} routing)"
+                if num_replicas > 1 else "", "s" if num_replicas > 1 else "",
+                ", ".join(str(core.process.pid) for core in engine.cores), args.host, args.port,
+                " (API key required)" if args.api_key else "")
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                     timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S), serving.engine)
     # uvicorn handles SIGINT/SIGTERM, shuts down, then re-raises the signal; by then
@@ -250,5 +255,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="accepted for vLLM compatibility: --tool-call-parser enables tool_choice 'auto'")
     group.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                        help="split the model's <think> block into reasoning_content (qwen3, deepseek_r1)")
+    group.add_argument("--data-parallel-routing", default="prefix", choices=ROUTING_POLICIES,
+                       help="with -dp > 1, where each request goes: prefix = the replica that holds the longest "
+                            "cached prefix of its prompt unless it is much busier than the least loaded one; "
+                            "round_robin = in turn (default %(default)s)")
     add_limit_args(parser)
     parser.set_defaults(func=run_server)

@@ -21,7 +21,8 @@ from typing import Any
 import jinja2
 from pydantic import BaseModel
 
-from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineRequest
+from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from pagedllm.engine.engine_core import EngineCoreRequest
 from pagedllm.engine.input_processor import validate_cache_salt
 from pagedllm.entrypoints.openai.limits import ServerLimits
 from pagedllm.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -118,6 +119,15 @@ def _warn_ignored_fields(request: BaseModel) -> None:
             logger.warning("ignoring the request field %r: pagedllm does not know it (logged once)", name)
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineBatch:
+    """One API request's engine requests (a completion may have several prompts) and
+    their prompt texts, which stay on this side."""
+
+    requests: list[EngineCoreRequest]
+    texts: list[str | None]
+
+
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None,
                  limits: ServerLimits, tool_parser: str | None = None, reasoning_parser: str | None = None) -> None:
@@ -127,8 +137,8 @@ class OpenAIServing:
         self.limits = limits
         self.tool_parser = tool_parser
         self.reasoning_parser = reasoning_parser
-        self.processor = engine.engine.input_processor
-        self.tokenizer = engine.engine.tokenizer
+        self.processor = engine.input_processor
+        self.tokenizer = engine.tokenizer
         self.created = int(time.time())
 
     # ---- small endpoints ---------------------------------------------------------------
@@ -172,7 +182,7 @@ class OpenAIServing:
             await self._compile(constraint)
             params = request.sampling_params(request.max_tokens, request.logprobs, prompt_logprobs,
                                              self.processor.default_sampling, constraint)
-            requests = self._engine_requests(response_id, prompts, params, request.cache_salt)
+            batch = self._engine_requests(response_id, prompts, params, request.cache_salt)
         except ValueError as error:
             raise bad_request(error, request) from None
 
@@ -181,24 +191,24 @@ class OpenAIServing:
                                       usage=usage)
 
         if request.stream:
-            prompt_index = {r.request_id: i for i, r in enumerate(requests)}
+            prompt_index = {r.request_id: i for i, r in enumerate(batch.requests)}
             offsets: dict[int, int] = {}
 
             def to_chunks(delta: RequestOutput) -> Iterable[CompletionResponse]:
                 i = prompt_index[delta.request_id]
                 for sample in delta.outputs:
-                    yield chunk([self._completion_choice(request, requests[i], delta, sample, i, offsets)])
+                    yield chunk([self._completion_choice(request, delta, sample, i, offsets)])
 
             usage_chunk = (lambda usage: chunk([], usage)) if request.include_usage else None
-            return self._stream(requests, await self._start(requests), to_chunks, usage_chunk)
-        finals = await self._generate_all(requests)
-        choices = [self._completion_choice(request, requests[i], final, sample, i, {})
+            return self._stream(batch, await self._start(batch), to_chunks, usage_chunk)
+        finals = await self._generate_all(batch)
+        choices = [self._completion_choice(request, final, sample, i, {})
                    for i, final in enumerate(finals) for sample in sorted(final.outputs, key=lambda s: s.index)]
         if request.prompt_logprobs is not None:
             for choice in choices:
                 choice.prompt_logprobs = self._prompt_logprobs(finals[choice.index // request.n],
                                                                request.prompt_logprobs)
-        return chunk(choices, self._usage(requests, finals))
+        return chunk(choices, self._usage(batch, finals))
 
     def _completion_prompts(self, prompt: str | list) -> list[tuple[str | None, list[int]]]:
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
@@ -207,15 +217,15 @@ class OpenAIServing:
             raise ValueError("prompt must not be empty")
         return [self.processor.tokenize(p if isinstance(p, str) else {"prompt_token_ids": p}) for p in prompt]
 
-    def _completion_choice(self, request: CompletionRequest, prompt: EngineRequest, output: RequestOutput,
-                           sample: CompletionOutput, prompt_index: int, offsets: dict[int, int]) -> CompletionChoice:
+    def _completion_choice(self, request: CompletionRequest, output: RequestOutput, sample: CompletionOutput,
+                           prompt_index: int, offsets: dict[int, int]) -> CompletionChoice:
         """One choice (or a stream's chunk of it); `offsets` holds the characters already
         sent per choice: the first chunk of a choice carries the echoed prompt."""
         index = prompt_index * request.n + sample.index
         text, token_ids, positions = sample.text, sample.token_ids, sample.logprobs or []
         if request.echo and index not in offsets:
-            prompt_text = prompt.prompt if prompt.prompt is not None else self.tokenizer.decode(prompt.prompt_token_ids)
-            text, token_ids = prompt_text + text, prompt.prompt_token_ids + token_ids
+            prompt_text = output.prompt if output.prompt is not None else self.tokenizer.decode(output.prompt_token_ids)
+            text, token_ids = prompt_text + text, output.prompt_token_ids + token_ids
             positions = (output.prompt_logprobs or []) + positions
         offset = offsets.get(index, 0)
         offsets[index] = offset + len(text)
@@ -261,7 +271,7 @@ class OpenAIServing:
                                              self.processor.default_sampling, constraint)
             prompt = self._chat_prompt(request.messages, request.add_generation_prompt,
                                        self._template_kwargs(request, tool_use))
-            requests = self._engine_requests(response_id, [prompt], params, request.cache_salt)
+            batch = self._engine_requests(response_id, [prompt], params, request.cache_salt)
         except ValueError as error:
             raise bad_request(error, request) from None
 
@@ -293,8 +303,8 @@ class OpenAIServing:
                         stop_reason=sample.stop_reason)])
 
             usage_chunk = (lambda usage: chunk([], usage)) if request.include_usage else None
-            return self._stream(requests, await self._start(requests), to_chunks, usage_chunk, opening)
-        finals = await self._generate_all(requests)
+            return self._stream(batch, await self._start(batch), to_chunks, usage_chunk, opening)
+        finals = await self._generate_all(batch)
         choices = []
         for sample in sorted(finals[0].outputs, key=lambda s: s.index):
             parsed = choice_parser().parse(sample.text)
@@ -307,7 +317,7 @@ class OpenAIServing:
         prompt_logprobs = (None if request.prompt_logprobs is None
                            else self._prompt_logprobs(finals[0], request.prompt_logprobs))
         return ChatCompletionResponse(id=response_id, created=created, model=self.model_name, choices=choices,
-                                      usage=self._usage(requests, finals), prompt_logprobs=prompt_logprobs)
+                                      usage=self._usage(batch, finals), prompt_logprobs=prompt_logprobs)
 
     def _template_kwargs(self, request: ChatCompletionRequest, tool_use: ToolUse) -> dict[str, Any]:
         """What the chat template gets besides the messages. Raises ValueError."""
@@ -419,7 +429,7 @@ class OpenAIServing:
                                 f"server (--max-logprobs), got {logprobs}", param=logprobs_field)
 
     def _engine_requests(self, response_id: str, prompts: list[tuple[str | None, list[int]]],
-                         params: SamplingParams, cache_salt: str | None = None) -> list[EngineRequest]:
+                         params: SamplingParams, cache_salt: str | None = None) -> EngineBatch:
         """Validate every prompt (ValueError in vLLM's words) before any is queued."""
         arrival_time = time.monotonic()
         max_prompt_tokens = self.limits.max_prompt_tokens
@@ -427,10 +437,11 @@ class OpenAIServing:
             if max_prompt_tokens is not None and len(token_ids) > max_prompt_tokens:
                 raise ValueError(f"prompt has {len(token_ids)} tokens, more than this server's limit of "
                                  f"{max_prompt_tokens} (--max-prompt-tokens)")
-        return [EngineRequest(f"{response_id}-{i}", text, *self.processor.validate(
-                    token_ids, self._default_max_tokens(params, len(token_ids))), arrival_time,
-                    cache_salt=validate_cache_salt(cache_salt))
-                for i, (text, token_ids) in enumerate(prompts)]
+        cache_salt = validate_cache_salt(cache_salt)
+        requests = [EngineCoreRequest(f"{response_id}-{i}", *self.processor.validate(
+                        token_ids, self._default_max_tokens(params, len(token_ids))), arrival_time, cache_salt)
+                    for i, (_, token_ids) in enumerate(prompts)]
+        return EngineBatch(requests, [text for text, _ in prompts])
 
     def _default_max_tokens(self, params: SamplingParams, num_prompt_tokens: int) -> SamplingParams:
         """Without max_tokens, the model's generation_config max_new_tokens applies, as far
@@ -447,36 +458,36 @@ class OpenAIServing:
         return self.tokenizer.decode([token_id])
 
     @staticmethod
-    def _usage(requests: list[EngineRequest], outputs: list[RequestOutput]) -> UsageInfo:
+    def _usage(batch: EngineBatch, outputs: list[RequestOutput]) -> UsageInfo:
         """Token counts over the request's prompts; `outputs` holds each prompt's latest
         output (for a stream, the latest delta: its counts are totals)."""
-        return UsageInfo.of(sum(len(r.prompt_token_ids) for r in requests),
+        return UsageInfo.of(sum(len(r.prompt_token_ids) for r in batch.requests),
                             sum(output.num_generated_tokens for output in outputs),
                             sum(output.num_cached_tokens for output in outputs))
 
-    async def _generate_all(self, requests: list[EngineRequest]) -> list[RequestOutput]:
+    async def _generate_all(self, batch: EngineBatch) -> list[RequestOutput]:
         """Run to the end; the final output of each request, in request order."""
         finals: dict[str, RequestOutput] = {}
         try:
-            async with aclosing(self.engine.generate(requests)) as deltas:
+            async with aclosing(self.engine.generate(batch.requests, batch.texts)) as deltas:
                 async for delta in deltas:
                     finals[delta.request_id] = _merge(finals.get(delta.request_id), delta)
         except (EngineDeadError, ValueError) as error:
             raise _engine_error(error) from None
-        return [finals[r.request_id] for r in requests]
+        return [finals[r.request_id] for r in batch.requests]
 
-    async def _start(self, requests: list[EngineRequest]
+    async def _start(self, batch: EngineBatch
                      ) -> tuple[AsyncGenerator[RequestOutput, None], RequestOutput]:
         """Queue a stream's requests now and wait for their first output: the load is
         counted at once (so a burst of streams cannot slip past the overload check),
         and a failure before the first token is an HTTP error, not a 200 stream."""
-        deltas = self.engine.generate(requests)
+        deltas = self.engine.generate(batch.requests, batch.texts)
         try:
             return deltas, await anext(deltas)  # an exception here has closed `deltas`
         except (EngineDeadError, ValueError) as error:
             raise _engine_error(error) from None
 
-    async def _stream(self, requests: list[EngineRequest],
+    async def _stream(self, batch: EngineBatch,
                       started: tuple[AsyncGenerator[RequestOutput, None], RequestOutput],
                       to_chunks: Callable[[RequestOutput], Iterable[BaseModel]],
                       usage_chunk: Callable[[UsageInfo], BaseModel] | None,
@@ -494,7 +505,7 @@ class OpenAIServing:
                         yield _sse(chunk)
                     delta = await anext(deltas, None)
             if usage_chunk is not None:
-                yield _sse(usage_chunk(self._usage(requests, list(latest.values()))))
+                yield _sse(usage_chunk(self._usage(batch, list(latest.values()))))
         except (EngineDeadError, ValueError) as error:
             yield _sse(ErrorResponse(error=_engine_error(error).info))
         yield "data: [DONE]\n\n"
