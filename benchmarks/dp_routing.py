@@ -6,7 +6,7 @@ For each policy, starts `pagedllm serve MODEL -dp N --data-parallel-routing POLI
 (a fresh server, the same flags otherwise), sends the same requests as Poisson
 arrivals through the same client as `pagedllm bench serve`, and reads the prefix
 cache hit rate from /metrics (in all and per replica). Each replica's KV pool is
-sized so that it holds about half of the tenants' system prompts: prefix-aware
+sized to hold three quarters of the tenants' system prompts: prefix-aware
 routing keeps each tenant on one replica, where its prompt stays cached; round-robin
 sends every tenant to every replica, where the prompts evict one another.
 
@@ -104,7 +104,7 @@ def run_policy(args: argparse.Namespace, policy: str, requests: list[BenchReques
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", help="model to serve (default: the embedded one)")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--data-parallel-size", type=int, default=2)
     parser.add_argument("--tenants", type=int, default=8)
     parser.add_argument("--system-len", type=int, default=512, help="tokens of each tenant's system prompt")
@@ -113,15 +113,17 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--request-rate", type=float, default=2.0, help="Poisson arrivals per second")
     parser.add_argument("--kv-blocks-per-replica", type=int, default=None,
-                        help="default: room for about half of the tenants' system prompts plus the running requests")
+                        help="default: room for 3/4 of the tenants' system prompts plus 8 running requests")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args()
     if args.kv_blocks_per_replica is None:
+        # Three quarters of all system prompts, plus the private blocks of 8 running requests:
+        # half the tenants' prompts fit with room to spare, all of them do not.
         system_blocks = args.system_len // BLOCK_SIZE
-        per_request = (args.system_len + args.question_len + args.output_len) // BLOCK_SIZE + 1
-        args.kv_blocks_per_replica = (args.tenants // 2 + 1) * system_blocks + 4 * per_request
+        private_blocks = (args.question_len + args.output_len) // BLOCK_SIZE + 2
+        args.kv_blocks_per_replica = 3 * args.tenants * system_blocks // 4 + 8 * private_blocks
     requests = multi_tenant_workload(args.tenants, args.system_len, args.users, args.question_len, args.output_len,
                                      args.seed)
     print(f"workload: {args.tenants} tenants x {args.users} users, system prompt {args.system_len} tokens, "

@@ -39,12 +39,6 @@ GENERATION_CONFIG_SAMPLING_KEYS = {"temperature": "temperature", "top_p": "top_p
                                    "max_new_tokens": "max_tokens"}
 
 
-def cache_dir() -> str:
-    """Where pagedllm keeps what it derives once per machine (converted GGUF
-    configs, tokenizers and weights, compiled kernels)."""
-    return os.environ.get("PAGEDLLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pagedllm")
-
-
 def resolve_model_path(model: str | None) -> str:
     """An alias, a Hugging Face model folder or a .gguf file -> an existing path."""
     model = model or DEFAULT_MODEL_ALIAS

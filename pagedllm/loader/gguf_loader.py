@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pagedllm.config import cache_dir
+from pagedllm.paths import cache_dir
 from pagedllm.layers.quantization import GGUF_FORMATS, QuantizedTensor
 from pagedllm.loader.tokenizer import load_tokenizer_folder
 

@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 
-from pagedllm.config import cache_dir
+from pagedllm.paths import cache_dir
 from pagedllm.platforms.cpu.isa import cpu_features
 
 logger = logging.getLogger(__name__)
