@@ -71,6 +71,7 @@ class AsyncLLMEngine:
         self._placement: dict[str, tuple[int, int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.error: EngineDeadError | None = None
+        self._stopping = False
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -88,6 +89,7 @@ class AsyncLLMEngine:
             self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(reason))
 
     async def shutdown(self) -> None:
+        self._stopping = True  # the cores' exits that follow are expected
         self._fail_all(EngineDeadError("the server is shutting down"))
         await asyncio.gather(*(asyncio.to_thread(core.shutdown) for core in self.cores))
 
@@ -185,6 +187,8 @@ class AsyncLLMEngine:
             outputs.put_nowait(item)
 
     def _on_death(self, replica: int, reason: str) -> None:
+        if self._stopping:
+            return
         logger.error("engine core %d stopped: %s; failing every request in flight", replica, reason)
         self._fail_all(EngineDeadError(reason))
 

@@ -49,6 +49,9 @@ CASES = {
     # together); head_dim 40, an odd number of 8-wide vectors
     "decode_group4_dim40": Case((1, 1, 1, 1, 1), (3, 18, 33, 70, 5), 8, 2, 40, 16),
     "decode_group5_dim24": Case((1, 1, 1, 1), (9, 40, 2, 17), 5, 1, 24, 8),
+    # prompt chunks over many query tiles of the CPU prefill kernel (4 tokens x 8 heads
+    # each) after cached prefixes, one of them not block-aligned, beside decodes
+    "prefill_group8_chunks": Case((1, 37, 90, 1), (30, 100, 90, 2), 16, 2, 64, 16),
 }
 
 # name -> paged_attention keyword arguments (alibi_slopes as a flag, made per case)

@@ -1,7 +1,8 @@
-"""The compiled CPU decode kernel (with the torch path for prefill chunks) and KV
-writer against the naive dense reference and the torch writer, with float32,
-float16 and bfloat16 pools. Unused pool slots hold NaN: the kernel must never
-read outside a request's context."""
+"""The compiled CPU decode and prefill kernels (with the torch path for the prompts
+they do not cover) and KV writer against the naive dense reference and the torch
+writer, with float32, float16 and bfloat16 pools, and their builds for CPUs without
+F16C or AVX-512. Unused pool slots hold NaN: the kernels must never read outside a
+request's context."""
 
 from __future__ import annotations
 
@@ -100,3 +101,25 @@ def test_portable_float16_conversion_matches_f16c(tmp_path, monkeypatch):
     assert f16c.abs().min() > 0
     # Not bit-equal: -ffast-math may order the sums differently in the two builds.
     torch.testing.assert_close(without_f16c, f16c, rtol=1e-4, atol=0)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or "avx512f" not in open("/proc/cpuinfo").read(),
+                    reason="compares the AVX-512 build of the kernels with the AVX2 one")
+def test_avx2_build_matches_avx512(tmp_path, monkeypatch):
+    """CPUs without AVX-512 get the 16-float vectors as pairs of 8: the same kernels
+    built with -mno-avx512f must agree with this CPU's build."""
+    sources = [os.path.join(os.path.dirname(cpu_backend.__file__), "csrc", name)
+               for name in ("decode_attention.c", "prefill_attention.c")]
+    built = str(tmp_path / "avx2.so")
+    assert cpu_kernels.build_library(os.environ.get("CC") or "cc", sources, built, ["-mno-avx512f"]) is None
+    avx2 = ctypes.CDLL(built)
+    avx2.paged_decode_attention.restype = avx2.paged_prefill_attention.restype = ctypes.c_int
+
+    case = CASES["prefill_group8_chunks"]
+    batch = make_batch(case, kv_dtype=torch.bfloat16)
+    torch_backend.write_kv(batch.new_key, batch.new_value, batch.kv_cache, batch.metadata.slot_mapping)
+    scale = 1 / math.sqrt(case.head_dim)
+    native = cpu_backend.paged_attention(batch.query, batch.kv_cache, batch.metadata, scale)
+    monkeypatch.setattr(cpu_backend, "load_kernel_library", lambda: avx2)
+    portable = cpu_backend.paged_attention(batch.query, batch.kv_cache, batch.metadata, scale)
+    torch.testing.assert_close(portable, native, rtol=1e-5, atol=1e-6)
