@@ -5,8 +5,10 @@ pool small enough that requests are preempted.
 Checks that every request not cancelled returns exactly what offline
 `LLM.generate` returns for the same prompt and parameters (both in float32), that a
 cancelled stream had received a prefix of it, and that afterwards the KV pool is
-entirely free, nothing runs or waits, preemptions happened, the server's RSS grew
-by less than --max-rss-growth-mib, and SIGTERM stops it with exit code 0.
+entirely free, nothing runs or waits, preemptions happened, the server's RSS (with
+its engine-core processes) grew by less than --max-rss-growth-mib, GET /metrics
+answered within --max-scrape-ms (p99, scraped once a second during the traffic),
+and SIGTERM stops it with exit code 0.
 Prints the figures; exits 1 if any check fails.
 
     python benchmarks/soak.py MODEL [--requests 1000 --concurrency 64 --cancel-fraction 0.2]
@@ -68,6 +70,7 @@ class Outcome:
     num_cancelled: int = 0
     failures: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    scrape_seconds: list[float] = field(default_factory=list)  # GET /metrics while the traffic runs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -84,6 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="largest allowed growth of the server's RSS from after warm-up to the end")
     parser.add_argument("--base-url", default=None, help="use this running server instead of starting one")
     parser.add_argument("--server-pid", type=int, default=None, help="with --base-url: its pid, to measure RSS")
+    parser.add_argument("--max-scrape-ms", type=float, default=50.0, help="bound on GET /metrics under load (p99)")
     parser.add_argument("--timeout", type=float, default=3600, help="bound on the whole soak, in seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", default=None, help="also write the figures to this file")
@@ -174,7 +178,11 @@ def _healthy(url: str) -> bool:
 
 
 def _rss_mib(pid: int | None) -> float | None:
-    return None if pid is None else psutil.Process(pid).memory_info().rss / 2**20
+    """The server's RSS with its engine-core processes (and their workers)."""
+    if pid is None:
+        return None
+    server = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [server, *server.children(recursive=True)]) / 2**20
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -254,8 +262,22 @@ async def run_traffic(url: str, requests: list[SoakRequest], expected: list[str]
     async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
         jobs = [_one(client, slots, i, request, None if expected is None else expected[i], outcome)
                 for i, request in enumerate(requests)]
-        await asyncio.wait_for(asyncio.gather(*jobs), timeout)
+        scraper = asyncio.create_task(_scrape_metrics(url, outcome))
+        try:
+            await asyncio.wait_for(asyncio.gather(*jobs), timeout)
+        finally:
+            scraper.cancel()
     return outcome
+
+
+async def _scrape_metrics(url: str, outcome: Outcome) -> None:
+    """What Prometheus sees under load: GET /metrics once a second on its own connection."""
+    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S) as scraper:
+        while True:
+            started = time.perf_counter()
+            (await scraper.get("/metrics")).raise_for_status()
+            outcome.scrape_seconds.append(time.perf_counter() - started)
+            await asyncio.sleep(1.0)
 
 
 # ---- the run -------------------------------------------------------------------------------
@@ -270,6 +292,9 @@ def _checks(args: argparse.Namespace, figures: dict, outcome: Outcome) -> list[s
                       "waiting {waiting}".format(**figures))
     if figures["preemptions"] == 0:
         failed.append("no request was preempted: make the KV pool smaller (--num-kv-blocks)")
+    if figures["metrics_scrape_p99_ms"] > args.max_scrape_ms:
+        failed.append(f"GET /metrics took {figures['metrics_scrape_p99_ms']} ms (p99) under load, more than "
+                      f"{args.max_scrape_ms} ms")
     growth = figures["rss_growth_mib"]
     if growth is not None and growth > args.max_rss_growth_mib:
         failed.append(f"the server's RSS grew by {growth:.1f} MiB, more than {args.max_rss_growth_mib} MiB")
@@ -297,6 +322,10 @@ def _soak(args: argparse.Namespace, url: str, pid: int | None, requests: list[So
         requests=len(requests), done=outcome.num_done, cancelled=outcome.num_cancelled,
         failed=len(outcome.failures), seconds=round(elapsed, 1),
         latency_p50_s=round(latencies[len(latencies) // 2], 2), latency_max_s=round(latencies[-1], 2),
+        metrics_scrape_p50_ms=round(1000 * sorted(outcome.scrape_seconds)[len(outcome.scrape_seconds) // 2], 1),
+        metrics_scrape_p99_ms=round(1000 * sorted(outcome.scrape_seconds)[int(0.99 * (len(outcome.scrape_seconds)
+                                                                                     - 1))], 1),
+        metrics_scrape_max_ms=round(1000 * max(outcome.scrape_seconds), 1),
         preemptions=int(metrics.get("pagedllm:num_preemptions_total", 0)),
         kv_cache_usage_perc=usage, running=int(metrics.get("pagedllm:num_requests_running", 0)),
         waiting=int(metrics.get("pagedllm:num_requests_waiting", 0)),

@@ -56,9 +56,6 @@ class Request:
         self.stop_reason: int | str | None = None
         # Chained hashes of this request's full blocks, in order (see core/block_hash.py).
         self.block_hashes: list[bytes] = []
-        # For samples 2..n of a parallel-sampling parent: the sibling whose prompt
-        # blocks this one shares once that sibling has computed the prompt.
-        self.fork_source: Request | None = None
         self.first_scheduled_time: float | None = None
         # Structured outputs: the request's place in its grammar (a GrammarMatcher of
         # pagedllm.structured_output.grammar), advanced with every sampled token.

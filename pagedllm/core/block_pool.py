@@ -109,7 +109,7 @@ class BlockPool:
         return self.cached_blocks.get(block_hash)
 
     def share(self, blocks: list[Block]) -> None:
-        """Add a reference to each block (a prefix hit or a fork); revive free ones."""
+        """Add a reference to each block (a prefix hit); revive free ones."""
         for block in blocks:
             if block.ref_count == 0:
                 self.free_queue.remove(block)

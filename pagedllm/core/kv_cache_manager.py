@@ -2,8 +2,9 @@
 
 The scheduler talks to this class only: look up a request's cached prefix,
 allocate slots for the tokens a step will compute (an `Allocation`, or `None`
-when the pool is full), register newly full blocks in the prefix cache, fork a
-request's blocks to a sibling sample, and free.
+when the pool is full), register newly full blocks in the prefix cache, and free.
+Blocks are shared only through the prefix cache, and only full ones, so a request
+never writes into a block another request reads: there is no copy-on-write.
 """
 
 from __future__ import annotations
@@ -22,12 +23,22 @@ def cdiv(a: int, b: int) -> int:
 @dataclass
 class Allocation:
     """How a request's block table changed: entries from `first_changed_index`
-    on are now `block_ids`; `copies` are (src, dst) block copies that must run
-    before the step writes K/V (copy-on-write of a shared partial block)."""
+    on are now `block_ids`."""
 
     first_changed_index: int
     block_ids: list[int]
-    copies: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class RequestBlocks:
+    """One request's blocks, in table order."""
+
+    blocks: list[Block] = field(default_factory=list)
+    # How many leading blocks are registered in the prefix cache.
+    num_cached: int = 0
+    # How many leading blocks were given back as out of the sliding window. Their ids
+    # stay in the block table (never read: attention masks them).
+    num_released: int = 0
 
 
 @dataclass
@@ -45,12 +56,7 @@ class KVCacheManager:
         # wholly before the window go back to the pool while the request runs.
         self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
-        self.req_to_blocks: dict[str, list[Block]] = {}
-        # How many leading blocks of each request are registered in the prefix cache.
-        self._num_cached_blocks: dict[str, int] = {}
-        # How many leading blocks of each request were given back as out of the window.
-        # Their ids stay in the block table (never read: attention masks them).
-        self._num_released_blocks: dict[str, int] = {}
+        self.requests: dict[str, RequestBlocks] = {}
         self.prefix_cache_stats = PrefixCacheStats()
 
     @property
@@ -62,7 +68,8 @@ class KVCacheManager:
         return self.pool.usage
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [block.block_id for block in self.req_to_blocks.get(request_id, ())]
+        held = self.requests.get(request_id)
+        return [block.block_id for block in held.blocks] if held else []
 
     def get_computed_blocks(self, request: Request) -> list[Block]:
         """The longest cached prefix of the request, in whole blocks. At least one
@@ -88,83 +95,58 @@ class KVCacheManager:
         ones (plus `computed_blocks`, a prefix hit for a request being admitted).
         Atomic: returns None and changes nothing when the pool is too small."""
         computed_blocks = computed_blocks or []
-        blocks = self.req_to_blocks.get(request.request_id, [])
+        held = self.requests.get(request.request_id) or RequestBlocks()
+        blocks = held.blocks
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         num_blocks_after = cdiv(num_computed + num_new_tokens, self.block_size)
         num_fresh = max(0, num_blocks_after - len(blocks) - len(computed_blocks))
-        # Writing into a block that another request also holds, or that the prefix cache
-        # serves (a fork recomputing the last token of a full block): copy it first.
-        needs_copy = (num_new_tokens > 0 and num_computed % self.block_size != 0
-                      and not computed_blocks
-                      and (blocks[-1].ref_count > 1 or blocks[-1].block_hash is not None))
         num_revived = sum(1 for block in computed_blocks if block.ref_count == 0)
-        if num_fresh + needs_copy > self.pool.num_free_blocks - num_revived:
+        if num_fresh > self.pool.num_free_blocks - num_revived:
             return None
 
         first_changed_index = len(blocks)
         self.pool.share(computed_blocks)
         blocks.extend(computed_blocks)
-        copies = []
-        if needs_copy:
-            [copy] = self.pool.allocate(1)
-            copies.append((blocks[-1].block_id, copy.block_id))
-            self.pool.free([blocks[-1]])
-            blocks[-1] = copy
-            first_changed_index = len(blocks) - 1
         blocks.extend(self.pool.allocate(num_fresh))
-        self.req_to_blocks[request.request_id] = blocks
-        return Allocation(first_changed_index, [b.block_id for b in blocks[first_changed_index:]], copies)
+        self.requests[request.request_id] = held
+        return Allocation(first_changed_index, [b.block_id for b in blocks[first_changed_index:]])
 
     def cache_full_blocks(self, request: Request) -> None:
         """Register the request's blocks that are full of computed tokens."""
         if not self.enable_prefix_caching:
             return
-        blocks = self.req_to_blocks[request.request_id]
+        held = self.requests[request.request_id]
         num_full = request.num_computed_tokens // self.block_size
-        # Never blocks given back as out of the window (a fork's table starts with
-        # its source's): they may hold another request's tokens by now.
-        start = max(self._num_cached_blocks.get(request.request_id, 0),
-                    self._num_released_blocks.get(request.request_id, 0))
+        # Never blocks given back as out of the window: they may hold another
+        # request's tokens by now.
+        start = max(held.num_cached, held.num_released)
         if num_full <= start:
             return
         extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt)
         for index in range(start, num_full):
-            self.pool.cache(blocks[index], request.block_hashes[index])
-        self._num_cached_blocks[request.request_id] = num_full
-
-    def fork(self, source: Request, child: Request, num_tokens: int) -> None:
-        """Give `child` the source's blocks holding its first `num_tokens` tokens
-        (shared by reference count; a partial last block is copied on write)."""
-        shared = self.req_to_blocks[source.request_id][:cdiv(num_tokens, self.block_size)]
-        # Blocks the source gave back as out of its window stay given back for the child.
-        num_released = min(self._num_released_blocks.get(source.request_id, 0), len(shared))
-        self.pool.share(shared[num_released:])
-        self.req_to_blocks[child.request_id] = list(shared)
-        if num_released:
-            self._num_released_blocks[child.request_id] = num_released
+            self.pool.cache(held.blocks[index], request.block_hashes[index])
+        held.num_cached = num_full
 
     def release_out_of_window_blocks(self, request: Request) -> None:
         """Give back the blocks no future query can attend to: the next query is at
         position num_computed_tokens and sees keys after it minus the window."""
-        blocks = self.req_to_blocks.get(request.request_id)
-        if not self.sliding_window or blocks is None:
+        held = self.requests.get(request.request_id)
+        if not self.sliding_window or held is None:
             return
         num_unneeded = max(0, request.num_computed_tokens - self.sliding_window + 1) // self.block_size
-        start = self._num_released_blocks.get(request.request_id, 0)
-        if num_unneeded > start:
-            self.pool.free(list(reversed(blocks[start:num_unneeded])))
-            self._num_released_blocks[request.request_id] = num_unneeded
+        if num_unneeded > held.num_released:
+            self.pool.free(list(reversed(held.blocks[held.num_released:num_unneeded])))
+            held.num_released = num_unneeded
 
     def free(self, request: Request) -> None:
-        blocks = self.req_to_blocks.pop(request.request_id, [])
-        self._num_cached_blocks.pop(request.request_id, None)
-        num_released = self._num_released_blocks.pop(request.request_id, 0)
-        self.pool.free(list(reversed(blocks[num_released:])))
+        held = self.requests.pop(request.request_id, None)
+        if held is not None:
+            self.pool.free(list(reversed(held.blocks[held.num_released:])))
 
     def num_unfilled_slots(self, requests: list[Request]) -> int:
         """Allocated slots that hold no computed token (internal fragmentation)."""
-        return sum(len(self.req_to_blocks.get(r.request_id, ())) * self.block_size - r.num_computed_tokens
-                   for r in requests if r.request_id in self.req_to_blocks)
+        return sum(len(self.requests[r.request_id].blocks) * self.block_size - r.num_computed_tokens
+                   for r in requests if r.request_id in self.requests)
 
     def reset_prefix_cache(self) -> None:
         self.pool.reset_prefix_cache()

@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from pagedllm.core.kv_cache_manager import Allocation, KVCacheManager
+from pagedllm.core.parallel_sampling import HeldSamples
 from pagedllm.core.scheduler_output import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
                                             NewRequestData, SchedulerOutput)
 from pagedllm.core.stopping import check_stop
@@ -52,8 +53,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        # Source request id -> siblings waiting to share its computed prompt.
-        self._pending_forks: dict[str, list[Request]] = {}
+        # Samples 2..n of a prompt, waiting for sample 1 to compute it (parallel_sampling.py).
+        self.held_samples = HeldSamples()
         # How many of each request's tokens the workers have been sent.
         self._num_tokens_sent: dict[str, int] = {}
         self._freed_request_ids: list[str] = []
@@ -61,14 +62,16 @@ class Scheduler:
 
     # ---- requests in and out -------------------------------------------------
 
-    def add_request(self, request: Request) -> None:
-        self.requests[request.request_id] = request
-        source = request.fork_source
-        if source is not None and source.num_computed_tokens < source.num_prompt_tokens:
-            self._pending_forks.setdefault(source.request_id, []).append(request)
+    def add_request(self, request: Request, samples: list[Request] = ()) -> None:
+        """Queue a request; `samples`: the other samples of its prompt (n > 1), which
+        share its prompt's blocks through the prefix cache once it has computed them."""
+        for queued in (request, *samples):
+            self.requests[queued.request_id] = queued
+        self.waiting.append(request)
+        if samples and self.kv.enable_prefix_caching:
+            self.held_samples.hold(request, list(samples))
         else:
-            request.fork_source = None
-            self.waiting.append(request)
+            self.waiting.extend(samples)
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
         """Finish requests from outside the step (abort, stop string)."""
@@ -78,25 +81,23 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
-            elif request in self.waiting:
-                self.waiting.remove(request)
+            elif request in self.held_samples:
+                self.held_samples.remove(request)
             else:
-                self._pending_forks.get(request.fork_source.request_id, []).remove(request)
+                self.waiting.remove(request)
             self._finish(request, status)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
-        self._release_pending_forks(request)
+        self._release_samples(request)  # samples still waiting on one that ends early run on their own
         self.kv.free(request)
         del self.requests[request.request_id]
         if self._num_tokens_sent.pop(request.request_id, None) is not None:
             self._freed_request_ids.append(request.request_id)
 
-    def _release_pending_forks(self, source: Request) -> None:
-        """Siblings still waiting on a source that ends early run on their own."""
-        for sibling in reversed(self._pending_forks.pop(source.request_id, [])):
-            sibling.fork_source = None
-            self.waiting.appendleft(sibling)
+    def _release_samples(self, first: Request) -> None:
+        """The samples held for `first` join the front of the queue, in order."""
+        self.waiting.extendleft(reversed(self.held_samples.release(first)))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -120,11 +121,6 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
             allocation = self.kv.allocate_slots(request, num_new)
             while allocation is None:
-                if len(self.running) == 1 and self._unfork_waiting():
-                    # Alone and about to preempt itself: blocks pinned by forked siblings
-                    # waiting go back first (else it is re-admitted and preempted forever).
-                    allocation = self.kv.allocate_slots(request, num_new)
-                    continue
                 victim = self.running.pop()
                 self._preempt(victim, output)
                 preempted = True
@@ -140,21 +136,17 @@ class Scheduler:
 
         while (self.waiting and token_budget > 0 and not preempted
                and len(self.running) < self.max_num_seqs):
-            request = self.waiting[0]
-            holds_blocks = request.request_id in self.kv.req_to_blocks
-            hits = [] if holds_blocks else self.kv.get_computed_blocks(request)
-            num_computed = request.num_computed_tokens + len(hits) * self.kv.block_size
+            request = self.waiting[0]  # it holds no blocks (a preempted request gave them back)
+            hits = self.kv.get_computed_blocks(request)
+            num_computed = len(hits) * self.kv.block_size
             num_new = min(request.num_tokens - num_computed, token_budget)
             allocation = self.kv.allocate_slots(request, num_new, hits)
             if allocation is None:
-                if not self.running and self._unfork_waiting():
-                    continue
                 break
             self.waiting.popleft()
-            if not holds_blocks:
-                request.num_computed_tokens = num_computed
-                if request.num_cached_tokens is None:
-                    request.num_cached_tokens = num_computed
+            request.num_computed_tokens = num_computed
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = num_computed
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
@@ -169,26 +161,15 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
-        request.fork_source = None
         self.num_preemptions_total += 1
         if self._num_tokens_sent.pop(request.request_id, None) is not None:
             output.freed_request_ids.append(request.request_id)
         self.waiting.appendleft(request)
 
-    def _unfork_waiting(self) -> bool:
-        """With nothing running, forked siblings waiting behind the head must not
-        hold the blocks the head needs: they give them back and recompute."""
-        forked = [r for r in self.waiting if r.request_id in self.kv.req_to_blocks]
-        for request in forked:
-            self.kv.free(request)
-            request.num_computed_tokens = 0
-        return bool(forked)
-
     def _record(self, output: SchedulerOutput, request: Request, num_new: int,
                 allocation: Allocation, is_new: bool) -> None:
         request_id = request.request_id
         output.num_scheduled_tokens[request_id] = num_new
-        output.blocks_to_copy.extend(allocation.copies)
         if is_new:
             output.new_requests.append(NewRequestData(
                 request_id=request_id, token_ids=list(request.all_token_ids),
@@ -226,7 +207,7 @@ class Scheduler:
             if request.grammar is not None:
                 request.grammar.accept_token(token_id)
             self.kv.cache_full_blocks(request)
-            self._fork_pending_siblings(request)
+            self._release_samples(request)  # its prompt is computed and its full blocks cached
             self.kv.release_out_of_window_blocks(request)
             status = check_stop(request, self.max_model_len)
             logprobs = runner_output.logprobs.get(request_id)
@@ -240,25 +221,11 @@ class Scheduler:
                 self._finish(request, status)
         return outputs
 
-    def _fork_pending_siblings(self, source: Request) -> None:
-        """Once the source has computed its prompt, its siblings share those blocks
-        and recompute only the last prompt token (for their own first sample)."""
-        siblings = self._pending_forks.pop(source.request_id, None)
-        if not siblings:
-            return
-        num_shared = source.num_prompt_tokens - 1
-        for sibling in reversed(siblings):
-            self.kv.fork(source, sibling, num_shared)
-            sibling.num_computed_tokens = num_shared
-            sibling.num_cached_tokens = num_shared
-            sibling.fork_source = None
-            self.waiting.appendleft(sibling)
-
     def stats(self) -> SchedulerStats:
         unfilled = self.kv.num_unfilled_slots(self.running)
         used_slots = (self.kv.pool.num_blocks - self.kv.num_free_blocks) * self.kv.block_size
         return SchedulerStats(
-            num_running=len(self.running), num_waiting=len(self.waiting) + sum(map(len, self._pending_forks.values())),
+            num_running=len(self.running), num_waiting=len(self.waiting) + len(self.held_samples),
             kv_cache_usage=self.kv.usage, num_preemptions_total=self.num_preemptions_total,
             prefix_cache_queried_tokens=self.kv.prefix_cache_stats.num_queried_tokens,
             prefix_cache_hit_tokens=self.kv.prefix_cache_stats.num_hit_tokens,

@@ -51,8 +51,6 @@ class SchedulerOutput:
     cached_requests: list[CachedRequestData] = field(default_factory=list)
     # request id -> tokens computed this step, in batch order.
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
-    # (src, dst) block copies to run before the model writes K/V.
-    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     # Requests the workers must forget (finished, aborted or preempted).
     freed_request_ids: list[str] = field(default_factory=list)
     # Filled by the engine core when requests with a grammar sample this step.

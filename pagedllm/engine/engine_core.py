@@ -97,16 +97,14 @@ class EngineCore:
         grammar = None
         if params.structured_outputs is not None:
             grammar = self.grammar_compiler.compile(params.structured_outputs)
-        first = None
+        samples = []
         for index, child_id in enumerate(core_request.child_ids):
             request = Request(child_id, core_request.prompt_token_ids, params, core_request.arrival_time,
                               sample_index=index, cache_salt=core_request.cache_salt)
             if grammar is not None:
                 request.grammar = grammar.new_matcher()  # each sample walks the grammar on its own
-            # Samples 2..n share the first sample's prompt blocks once it is computed.
-            request.fork_source = first
-            first = first or request
-            self.scheduler.add_request(request)
+            samples.append(request)
+        self.scheduler.add_request(samples[0], samples[1:])
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
         self.scheduler.finish_requests(request_ids, status)

@@ -1,4 +1,4 @@
-"""The KV block tensors of one worker and the block copies that run on them."""
+"""The KV block tensors of one worker."""
 
 from __future__ import annotations
 
@@ -39,13 +39,3 @@ class CacheEngine:
                         dtype: torch.dtype) -> int:
         element_size = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
-
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy block src -> dst in every layer (copy-on-write); all reads happen before any write."""
-        if not pairs:
-            return
-        device = self.kv_caches[0].device
-        src = torch.tensor([s for s, _ in pairs], device=device)
-        dst = torch.tensor([d for _, d in pairs], device=device)
-        for kv_cache in self.kv_caches:
-            kv_cache.index_copy_(1, dst, kv_cache.index_select(1, src))

@@ -148,7 +148,6 @@ class ModelRunner:
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
             return ModelRunnerOutput()
-        self.cache.copy_blocks(scheduler_output.blocks_to_copy)
         model_input = self._prepare_inputs(scheduler_output)
         hidden_states = self.model(model_input.input_ids, model_input.positions, self.cache.kv_caches,
                                    model_input.metadata)

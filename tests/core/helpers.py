@@ -31,16 +31,19 @@ def make_request(request_id: str, prompt_token_ids: list[int], eos: int = EOS, s
 
 
 def make_siblings(request_id: str, prompt_token_ids: list[int], n: int, **params) -> list[Request]:
-    """The n child requests of one parallel-sampling prompt, wired like LLMEngine does:
-    samples 2..n name the first one as their fork_source."""
-    first = None
-    children = []
-    for index in range(n):
-        child = make_request(f"{request_id}#{index}", prompt_token_ids, sample_index=index, n=n, **params)
-        child.fork_source = first
-        first = first or child
-        children.append(child)
-    return children
+    """The n scheduler requests of one parallel-sampling prompt, named as the engine core names them."""
+    return [make_request(f"{request_id}#{index}", prompt_token_ids, sample_index=index, n=n, **params)
+            for index in range(n)]
+
+
+def add_requests(scheduler: Scheduler, requests: list[Request]) -> None:
+    """Queue requests as the engine core does: the samples of one prompt (id#0, id#1, ...)
+    in one call, so that samples 2..n wait for the first to compute the prompt."""
+    groups: dict[str, list[Request]] = {}
+    for request in requests:
+        groups.setdefault(request.request_id.split("#")[0], []).append(request)
+    for samples in groups.values():
+        scheduler.add_request(samples[0], samples[1:])
 
 
 def fake_token(sample_index: int, token_ids: list[int], vocab_size: int) -> int:
@@ -121,15 +124,6 @@ class FakeRunner:
         return state.block_ids[position // self.block_size] * self.block_size + position % self.block_size
 
     def _run_kv(self, output: SchedulerOutput) -> None:
-        bs = self.block_size
-        reads = {(src, i): self.kv_slots.get(src * bs + i) for src, _ in output.blocks_to_copy for i in range(bs)}
-        for src, dst in output.blocks_to_copy:
-            for i in range(bs):
-                value = reads[(src, i)]
-                if value is None:
-                    self.kv_slots.pop(dst * bs + i, None)
-                else:
-                    self.kv_slots[dst * bs + i] = value
         for request_id, num_new in output.num_scheduled_tokens.items():
             state = self.states[request_id]
             for position in range(state.num_computed_tokens, state.num_computed_tokens + num_new):
@@ -161,10 +155,6 @@ def check_worker_view(scheduler: Scheduler, output: SchedulerOutput, runner: Fak
     kv = scheduler.kv
     block_size = kv.block_size
     written_slots: set[int] = set()
-    copy_dsts = {dst for _, dst in output.blocks_to_copy}
-    assert len(copy_dsts) == len(output.blocks_to_copy)
-    for _, dst in output.blocks_to_copy:
-        assert kv.pool.blocks[dst].ref_count == 1 and kv.pool.blocks[dst].block_hash is None
     assert len(output.num_scheduled_tokens) <= scheduler.max_num_seqs
     assert output.total_num_scheduled_tokens <= scheduler.max_num_batched_tokens
     for request_id, num_new in output.num_scheduled_tokens.items():
@@ -174,7 +164,7 @@ def check_worker_view(scheduler: Scheduler, output: SchedulerOutput, runner: Fak
         assert state.block_ids == kv.block_ids(request_id)
         assert state.num_computed_tokens == request.num_computed_tokens
         for position in range(state.num_computed_tokens, state.num_computed_tokens + num_new):
-            block = kv.req_to_blocks[request_id][position // block_size]
+            block = kv.requests[request_id].blocks[position // block_size]
             # Invariant 5: a block is written only when its ref count is 1.
             assert block.ref_count == 1, (request_id, position, block)
             slot = block.block_id * block_size + position % block_size
@@ -199,14 +189,15 @@ def check_pool(pool: BlockPool) -> None:
 
 def held_blocks(kv: KVCacheManager, request_id: str):
     """The blocks a request holds a reference to (not those released as out of its window)."""
-    return kv.req_to_blocks[request_id][getattr(kv, "_num_released_blocks", {}).get(request_id, 0):]
+    held = kv.requests[request_id]
+    return held.blocks[held.num_released:]
 
 
 def check_kv(kv: KVCacheManager) -> None:
     """Every block's ref count equals the number of requests holding it."""
     check_pool(kv.pool)
-    holders = Counter(block.block_id for rid in kv.req_to_blocks for block in held_blocks(kv, rid))
-    for rid in kv.req_to_blocks:
+    holders = Counter(block.block_id for rid in kv.requests for block in held_blocks(kv, rid))
+    for rid in kv.requests:
         blocks = held_blocks(kv, rid)
         assert len({b.block_id for b in blocks}) == len(blocks), "a request holds a block twice"
     assert sum(block.ref_count for block in kv.pool.blocks) == sum(holders.values())

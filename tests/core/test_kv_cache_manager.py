@@ -29,21 +29,21 @@ def admit(kv: KVCacheManager, request) -> Allocation:
 
 def snapshot(kv: KVCacheManager):
     return ([b.ref_count for b in kv.pool.blocks], kv.pool.free_queue.block_ids(),
-            {rid: [b.block_id for b in blocks] for rid, blocks in kv.req_to_blocks.items()},
+            {rid: [b.block_id for b in held.blocks] for rid, held in kv.requests.items()},
             dict(kv.pool.cached_blocks))
 
 
 def test_allocate_slots_exact_block_ids_as_a_request_grows():
     kv = KVCacheManager(8, BS)
     request = make_request("a", list(range(10, 20)))  # 10 tokens: 3 blocks
-    assert compute(kv, request, 10) == Allocation(0, [0, 1, 2], [])
+    assert compute(kv, request, 10) == Allocation(0, [0, 1, 2])
     assert kv.block_ids("a") == [0, 1, 2]
     request.append_output_token(7)  # token 10 goes into block 2 (offset 2)
-    assert compute(kv, request, 1) == Allocation(3, [], [])
+    assert compute(kv, request, 1) == Allocation(3, [])
     request.append_output_token(7)
-    assert compute(kv, request, 1) == Allocation(3, [], [])  # offset 3, block 2 now full
+    assert compute(kv, request, 1) == Allocation(3, [])  # offset 3, block 2 now full
     request.append_output_token(7)  # token 12 starts block 3
-    assert compute(kv, request, 1) == Allocation(3, [3], [])
+    assert compute(kv, request, 1) == Allocation(3, [3])
     assert kv.block_ids("a") == [0, 1, 2, 3]
     assert kv.num_free_blocks == 4
     # Only the full blocks 0..2 are registered in the prefix cache.
@@ -81,7 +81,7 @@ def test_allocate_returns_none_and_changes_nothing_when_the_pool_is_too_small():
     before = snapshot(kv)
     assert kv.allocate_slots(b, 9) is None
     assert snapshot(kv) == before
-    assert "b" not in kv.req_to_blocks
+    assert "b" not in kv.requests
     # A running request that needs one more block than is free.
     c = make_request("c", [6] * 4)
     compute(kv, c, 4)  # block 2, pool full
@@ -177,122 +177,18 @@ def test_hits_on_freed_but_cached_blocks_revive_them_and_count_against_free_bloc
     assert kv.pool.lookup(a.block_hashes[1]) is kv.pool.blocks[1]
 
 
-def test_fork_at_a_partial_block_copies_on_write_once_each_where_shared():
-    kv = KVCacheManager(10, BS)
-    source = make_request("s", list(range(1, 7)))  # 6 tokens: block 0 full, block 1 half
-    admit(kv, source)
-    source.append_output_token(40)
-    child = make_request("c", list(range(1, 7)), sample_index=1)
-    kv.fork(source, child, 5)  # the child shares tokens 0..4 and recomputes token 5
-    child.num_computed_tokens = 5
-    assert kv.block_ids("c") == [0, 1]
-    assert [blk.ref_count for blk in kv.pool.blocks[:2]] == [2, 2]
-    check_kv(kv)
-    # The child writes token 5 into shared block 1: it copies it to a fresh block.
-    assert compute(kv, child, 1) == Allocation(1, [2], [(1, 2)])
-    assert kv.block_ids("c") == [0, 2]
-    assert [blk.ref_count for blk in kv.pool.blocks[:3]] == [2, 1, 1]
-    # The source writes token 6 into block 1, now its own: no copy.
-    assert compute(kv, source, 1) == Allocation(2, [])
-    assert kv.block_ids("s") == [0, 1]
-    kv.free(source)
-    kv.free(child)
-    assert kv.num_free_blocks == 10
-
-
-def test_fork_source_allocates_first_then_the_child_writes_in_place():
-    kv = KVCacheManager(10, BS)
-    source = make_request("s", list(range(1, 7)))
-    admit(kv, source)
-    source.append_output_token(40)
-    children = [make_request(f"c{i}", list(range(1, 7)), sample_index=i) for i in (1, 2)]
-    for child in children:
-        kv.fork(source, child, 5)
-        child.num_computed_tokens = 5
-    assert [blk.ref_count for blk in kv.pool.blocks[:2]] == [3, 3]
-    # Source writes token 6 into block 1 (ref 3): copies to 2.
-    assert compute(kv, source, 1) == Allocation(1, [2], [(1, 2)])
-    # First child: block 1 still ref 2: copies to 3.
-    assert compute(kv, children[0], 1) == Allocation(1, [3], [(1, 3)])
-    # Second child: block 1 is its alone now: writes in place.
-    assert compute(kv, children[1], 1) == Allocation(2, [])
-    assert kv.block_ids("s") == [0, 2]
-    assert kv.block_ids("c1") == [0, 3]
-    assert kv.block_ids("c2") == [0, 1]
-    assert [blk.ref_count for blk in kv.pool.blocks[:4]] == [3, 1, 1, 1]
-
-
-def test_copy_on_write_plus_a_fresh_block_in_one_allocation():
-    kv = KVCacheManager(10, BS)
-    source = make_request("s", list(range(1, 7)))
-    admit(kv, source)
-    child = make_request("c", list(range(1, 7)) + [8, 8, 8])
-    kv.fork(source, child, 5)
-    child.num_computed_tokens = 5
-    # Tokens 5..8: the rest of shared block 1 (copied) and a fresh block.
-    assert compute(kv, child, 4) == Allocation(1, [2, 3], [(1, 2)])
-    assert kv.block_ids("c") == [0, 2, 3]
-
-
-def test_a_fork_never_writes_into_a_block_the_prefix_cache_serves():
-    # Regression: the child recomputes token 7, the last of full block 1. Once the
-    # source is gone the child holds block 1 alone (ref 1), but block 1 is in the prefix
-    # cache, so a request admitted in the same step could hit it while it is rewritten.
-    # The child copies it; block 1 goes back to the free queue, still cached.
-    kv = KVCacheManager(10, BS)
-    source = make_request("s", list(range(1, 9)))  # 8 tokens: full blocks 0 1, both cached
-    admit(kv, source)
-    child = make_request("c", list(range(1, 9)), sample_index=1)
-    kv.fork(source, child, 7)
-    child.num_computed_tokens = 7
-    kv.free(source)
-    assert [b.ref_count for b in kv.pool.blocks[:2]] == [1, 1]
-    assert compute(kv, child, 1) == Allocation(1, [2], [(1, 2)])
-    assert kv.block_ids("c") == [0, 2]
-    assert kv.pool.blocks[1].ref_count == 0
-    assert kv.pool.free_queue.block_ids() == [3, 4, 5, 6, 7, 8, 9, 1]
-    assert kv.pool.lookup(source.block_hashes[1]) is kv.pool.blocks[1]
-    assert kv.pool.blocks[2].block_hash is None  # the equal copy stays uncached
-
-
-def test_copy_on_write_is_atomic_when_no_block_is_free():
-    kv = KVCacheManager(2, BS)
-    source = make_request("s", [1, 2, 3, 4, 5, 6])
-    admit(kv, source)  # blocks 0 1, pool full
-    child = make_request("c", [1, 2, 3, 4, 5, 6])
-    kv.fork(source, child, 5)
-    child.num_computed_tokens = 5
-    before = snapshot(kv)
-    assert kv.allocate_slots(child, 1) is None
-    assert snapshot(kv) == before
-
-
-def test_fork_at_a_block_boundary_shares_only_full_blocks():
-    kv = KVCacheManager(10, BS)
-    source = make_request("s", list(range(1, 10)))  # 9 tokens: blocks 0 1 2(1 token)
-    admit(kv, source)
-    child = make_request("c", list(range(1, 10)))
-    kv.fork(source, child, 8)
-    child.num_computed_tokens = 8
-    assert kv.block_ids("c") == [0, 1]
-    assert compute(kv, child, 1) == Allocation(2, [3], [])
-
-
 def test_free_returns_every_block():
     kv = KVCacheManager(6, BS)
     a = make_request("a", list(range(1, 10)))
     admit(kv, a)
     b = make_request("b", list(range(1, 10)) + [3])
     admit(kv, b)  # hits 0 1, gets block 3
-    child = make_request("c", list(range(1, 10)))
-    kv.fork(a, child, 9)
     kv.free(a)
+    assert kv.num_free_blocks == 6 - 3  # b still holds 0 1 3
     kv.free(b)
-    assert kv.num_free_blocks == 6 - 3  # the child still holds 0 1 2
-    kv.free(child)
     assert kv.num_free_blocks == kv.pool.num_blocks == 6
-    assert kv.req_to_blocks == {} and kv.usage == 0.0
-    kv.free(child)  # freeing an unknown request is a no-op, not a double free
+    assert kv.requests == {} and kv.usage == 0.0
+    kv.free(b)  # freeing an unknown request is a no-op, not a double free
     check_kv(kv)
 
 
@@ -347,51 +243,3 @@ def test_allocation_block_ids_cover_exactly_the_new_tokens(num_new):
     expected = -(-(3 + num_new) // BS)
     assert len(kv.block_ids("a")) == expected
     assert kv.block_ids("a")[allocation.first_changed_index:] == allocation.block_ids
-
-
-def test_fork_does_not_share_blocks_the_source_released_out_of_its_window():
-    # Regression: with a sliding window the source gives back blocks wholly before its
-    # window while it runs (their ids stay in its table, never read). fork() shared them
-    # again: it revived free blocks (or added references to blocks since handed to other
-    # requests), and the child could hold one block twice.
-    kv = KVCacheManager(10, BS, enable_prefix_caching=False, sliding_window=4)
-    source = make_request("s", list(range(1, 15)))  # 14 tokens
-    compute(kv, source, 8)  # blocks 0 1
-    kv.release_out_of_window_blocks(source)  # the next query (8) sees keys 5..8: block 0 goes
-    assert kv.pool.free_queue.block_ids() == [2, 3, 4, 5, 6, 7, 8, 9, 0]
-    compute(kv, source, 6)  # blocks 2 3
-    child = make_request("c", list(range(1, 15)), sample_index=1)
-    kv.fork(source, child, 13)
-    assert kv.block_ids("c") == [0, 1, 2, 3]  # the table keeps its shape
-    assert [b.ref_count for b in kv.pool.blocks[:4]] == [0, 2, 2, 2]
-    assert kv.pool.free_queue.block_ids() == [4, 5, 6, 7, 8, 9, 0]
-    check_kv(kv)
-    kv.free(source)
-    kv.free(child)
-    assert kv.num_free_blocks == 10 and all(b.ref_count == 0 for b in kv.pool.blocks)
-
-
-def test_a_fork_never_registers_a_released_block_in_the_prefix_cache():
-    # Regression: with a sliding window, a fork's table starts with blocks its source
-    # gave back (ids kept, never read). Registering the child's full blocks walked those
-    # too: a released block since reused by another request (a different prefix) was
-    # registered under the child's hash, and a later request with that prefix hit it.
-    kv = KVCacheManager(9, BS, enable_prefix_caching=True, sliding_window=4)
-    source = make_request("s", list(range(1, 15)))  # 14 tokens
-    compute(kv, source, 8)  # blocks 0 1, both cached
-    kv.release_out_of_window_blocks(source)  # block 0 back to the queue, still cached
-    compute(kv, source, 6)  # blocks 2 3
-    e = make_request("e", [90])
-    compute(kv, e, 1)  # block 4
-    d = make_request("d", [50] * 17)
-    compute(kv, d, 17)  # blocks 5 6 7 8 0: block 0 now holds d's token 16 (hash evicted)
-    assert kv.block_ids("d") == [5, 6, 7, 8, 0]
-    assert kv.pool.lookup(source.block_hashes[0]) is None
-    kv.free(e)
-    child = make_request("c", list(range(1, 15)), sample_index=1)
-    kv.fork(source, child, 13)
-    child.num_computed_tokens = 13
-    assert compute(kv, child, 1) == Allocation(3, [4], [(3, 4)])
-    assert kv.pool.lookup(source.block_hashes[0]) is None
-    assert kv.pool.blocks[0].block_hash is None
-    assert kv.get_computed_blocks(make_request("f", [1, 2, 3, 4, 99])) == []

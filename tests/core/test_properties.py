@@ -18,8 +18,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.request import RequestStatus
-from tests.core.helpers import (FakeRunner, check_kv, check_worker_view, make_request, make_scheduler,
-                                make_siblings)
+from tests.core.helpers import (FakeRunner, add_requests, check_kv, check_worker_view, make_request,
+                                make_scheduler, make_siblings)
 
 MAX_MODEL_LEN = 24
 VOCAB = 40  # EOS (2) is sampled now and then
@@ -65,7 +65,7 @@ def run_all(scheduler, runner, streamed, check=True, max_steps_without_a_token=1
         steps_without_a_token = 0 if runner_output.sampled_token_ids else steps_without_a_token + 1
         assert steps_without_a_token < max_steps_without_a_token, (
             f"livelock: no token in {max_steps_without_a_token} steps; running {scheduler.running}, "
-            f"waiting {list(scheduler.waiting)}, blocks {scheduler.kv.req_to_blocks}")
+            f"waiting {list(scheduler.waiting)}, blocks {scheduler.kv.requests}")
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -91,9 +91,10 @@ class SchedulerMachine(RuleBasedStateMachine):
     def add(self, spec):
         request_id = f"r{len(self.specs)}"
         self.specs.append((request_id, spec))
-        for request in build_requests(request_id, spec):
+        requests = build_requests(request_id, spec)
+        for request in requests:
             self.requests[request.request_id] = request
-            self.scheduler.add_request(request)
+        add_requests(self.scheduler, requests)
 
     def _step(self, abort_choice=None):
         output = self.scheduler.schedule()
@@ -132,9 +133,10 @@ class SchedulerMachine(RuleBasedStateMachine):
     def books_balance(self):
         scheduler, kv = self.scheduler, self.scheduler.kv
         check_kv(kv)  # ref counts >= 0, = holders, free queue = blocks with ref 0
-        assert set(kv.req_to_blocks) <= set(scheduler.requests)  # finished requests hold nothing
-        pending = [r for siblings in scheduler._pending_forks.values() for r in siblings]
-        queued = [r.request_id for r in [*scheduler.running, *scheduler.waiting, *pending]]
+        assert set(kv.requests) <= set(scheduler.requests)  # finished requests hold nothing
+        held = [r for r in scheduler.requests.values() if r in scheduler.held_samples]
+        assert not any(r.request_id in kv.requests for r in held)  # a held sample holds no blocks
+        queued = [r.request_id for r in [*scheduler.running, *scheduler.waiting, *held]]
         assert sorted(queued) == sorted(scheduler.requests)  # each live request in exactly one place
         for request in scheduler.running:
             assert request.status == RequestStatus.RUNNING
@@ -156,7 +158,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         run_all(scheduler, self.runner, self.streamed)
         # Nothing leaks: every block free, the workers told to forget every request.
         assert scheduler.kv.num_free_blocks == self.num_blocks
-        assert scheduler.kv.req_to_blocks == {}
+        assert scheduler.kv.requests == {}
         final = scheduler.schedule()
         assert final.is_empty
         self.runner.execute(final)
@@ -176,8 +178,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         reference = make_scheduler(num_blocks, self.block_size, max_num_seqs=1000,
                                    max_num_batched_tokens=100_000, max_model_len=MAX_MODEL_LEN,
                                    enable_prefix_caching=False)
-        for request in reference_requests.values():
-            reference.add_request(request)
+        add_requests(reference, list(reference_requests.values()))
         run_all(reference, FakeRunner(self.block_size, vocab_size=VOCAB), {}, check=False)
         assert reference.num_preemptions_total == 0
         for request_id, request in self.requests.items():

@@ -7,8 +7,8 @@ import pytest
 from pagedllm.core.scheduler_output import CachedRequestData, ModelRunnerOutput, NewRequestData
 from pagedllm.core.stopping import check_stop
 from pagedllm.request import RequestStatus
-from tests.core.helpers import (EOS, FakeRunner, check_kv, fake_token, make_request, make_scheduler,
-                                make_siblings, step)
+from tests.core.helpers import (EOS, FakeRunner, add_requests, check_kv, fake_token, make_request,
+                                make_scheduler, make_siblings, step)
 
 BS = 4
 
@@ -194,7 +194,7 @@ def test_preemption_of_the_most_recent_request_then_resume_with_the_same_tokens(
     assert output.freed_request_ids == ["b"]
     assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0 and b.num_preemptions == 1
     assert scheduler.num_preemptions_total == 1
-    assert "b" not in scheduler.kv.req_to_blocks
+    assert "b" not in scheduler.kv.requests
     assert [r.request_id for r in scheduler.running] == ["a"]
     assert list(scheduler.waiting) == [b]
     assert scheduler.kv.block_ids("a") == [0, 1, 3]  # b freed tail first: 3 then 2
@@ -249,65 +249,32 @@ def test_a_request_that_cannot_fit_preempts_itself():
     assert scheduler.kv.block_ids("a") == [0, 1] and scheduler.kv.num_free_blocks == 1
 
 
-def fork_pins_blocks_scenario(**scheduler_kwargs):
-    """a runs; p#0 forks p#1 (waiting, holding refs to both of p#0's blocks); p#0 then
-    needs a copy of its shared partial block, finds the pool full and preempts itself:
-    its blocks stay pinned by p#1 while a, alone, keeps running."""
+def test_samples_waiting_for_their_first_hold_no_blocks():
+    """a runs; p#0 and p#1 arrive on a 4-block pool: p#1 waits for p#0 to compute the prompt
+    holding nothing, so a and p#0 preempt each other as any two requests would, and every
+    output equals that of a pool big enough never to preempt (with and without the prefix
+    cache; a tight token budget must not livelock either)."""
     def requests():
         return [make_request("a", [1] * 4, max_tokens=8, ignore_eos=True),
                 *make_siblings("p", [5] * 7, 2, max_tokens=8, ignore_eos=True)]
 
-    scheduler = make_scheduler(4, BS, max_model_len=16, **scheduler_kwargs)
-    runner = FakeRunner(BS)
-    a, source, sibling = requests()
-    scheduler.add_request(a)
-    step(scheduler, runner)
-    scheduler.add_request(source)
-    scheduler.add_request(sibling)
-    return scheduler, runner, requests, (a, source, sibling)
-
-
-def test_blocks_pinned_by_a_forked_waiting_sibling_are_released_before_self_preemption():
-    scheduler, runner, requests, (a, source, sibling) = fork_pins_blocks_scenario()
-    output, _, _ = step(scheduler, runner)
-    assert output.num_scheduled_tokens == {"a": 1, "p#0": 7}
-    assert [scheduler.kv.block_ids(r) for r in ("a", "p#0", "p#1")] == [[0, 1], [2, 3], [2, 3]]
-    assert sibling.num_computed_tokens == 6
-
-    output, _, _ = step(scheduler, runner)  # p#0 needs a copy of block 3: none free
-    assert output.num_scheduled_tokens == {"a": 1}
-    assert output.freed_request_ids == ["p#0"] and output.blocks_to_copy == []
-    assert [b.ref_count for b in scheduler.kv.pool.blocks] == [1, 1, 1, 1]  # p#1 keeps 2 3
-    assert list(scheduler.waiting) == [source, sibling]
-    step(scheduler, runner)
-    step(scheduler, runner)  # a fills block 1
-
-    # a, alone, needs a 3rd block: p#1 gives back its pinned blocks instead of a
-    # preempting itself; p#1 will recompute its prompt on its own.
-    output, _, _ = step(scheduler, runner)
-    assert output.num_scheduled_tokens == {"a": 1} and output.freed_request_ids == []
-    assert output.cached_requests[0].new_block_ids == [3]
-    assert "p#1" not in scheduler.kv.req_to_blocks and sibling.num_computed_tokens == 0
-    assert (a.num_preemptions, source.num_preemptions, sibling.num_preemptions) == (0, 1, 0)
-
-    run_to_end(scheduler, runner)
-    assert scheduler.kv.num_free_blocks == 4
-    ref_streamed, _ = reference_outputs(requests, max_model_len=16)
-    assert {r.request_id: r.output_token_ids for r in (a, source, sibling)} == ref_streamed
-
-
-def test_no_livelock_when_a_lone_request_is_short_of_blocks_pinned_by_a_forked_sibling():
-    # Regression: without the prefix cache and with a small budget, a request that
-    # preempted itself was re-admitted at once with a small first chunk (the pinned
-    # blocks were only released when admission failed) and preempted itself again,
-    # forever.
-    scheduler, runner, requests, (a, source, sibling) = fork_pins_blocks_scenario(
-        max_num_batched_tokens=4, enable_prefix_caching=False)
-    run_to_end(scheduler, runner, max_steps=60)
-    assert a.num_preemptions == 0
-    assert scheduler.kv.num_free_blocks == 4
-    ref_streamed, _ = reference_outputs(requests, max_model_len=16)
-    assert {r.request_id: r.output_token_ids for r in (a, source, sibling)} == ref_streamed
+    for kwargs in ({}, {"max_num_batched_tokens": 4, "enable_prefix_caching": False}):
+        scheduler = make_scheduler(4, BS, max_model_len=16, **kwargs)
+        runner = FakeRunner(BS)
+        a, first, second = requests()
+        scheduler.add_request(a)
+        step(scheduler, runner)
+        scheduler.add_request(first, [second])
+        if kwargs:  # no prefix cache: nothing to share, both samples queue at once
+            assert list(scheduler.waiting) == [first, second]
+        else:
+            assert second in scheduler.held_samples and list(scheduler.waiting) == [first]
+            step(scheduler, runner)
+            assert "p#1" not in scheduler.kv.requests
+        run_to_end(scheduler, runner, max_steps=80)
+        assert scheduler.kv.num_free_blocks == 4
+        ref_streamed, _ = reference_outputs(requests, max_model_len=16)
+        assert {r.request_id: r.output_token_ids for r in (a, first, second)} == ref_streamed
 
 
 def test_no_waiting_request_is_admitted_in_a_step_that_preempted():
@@ -425,7 +392,7 @@ def test_abort_running_and_waiting_requests_frees_every_block():
     assert scheduler.kv.num_free_blocks == 2
     scheduler.finish_requests(["a", "b", "unknown"], RequestStatus.FINISHED_ABORTED)
     assert a.status == b.status == RequestStatus.FINISHED_ABORTED
-    assert scheduler.kv.num_free_blocks == 4 and scheduler.kv.req_to_blocks == {}
+    assert scheduler.kv.num_free_blocks == 4 and scheduler.kv.requests == {}
     assert not scheduler.has_unfinished_requests()
     assert scheduler.running == [] and list(scheduler.waiting) == []
     output = scheduler.schedule()
@@ -468,46 +435,41 @@ def test_abort_of_a_preempted_request():
 # ---- parallel sampling ------------------------------------------------------------
 
 
-def test_parallel_sampling_siblings_share_the_source_prompt_blocks():
+def test_parallel_sampling_samples_share_the_first_samples_prompt_blocks():
     scheduler = make_scheduler(32, BS)
     runner = FakeRunner(BS)
     prompt = list(range(1, 11))  # 10 tokens: blocks 0 1 full, block 2 holds tokens 8, 9
-    siblings = make_siblings("p", prompt, 4, max_tokens=3, ignore_eos=True)
-    for request in siblings:
-        scheduler.add_request(request)
+    samples = make_siblings("p", prompt, 4, max_tokens=3, ignore_eos=True)
+    add_requests(scheduler, samples)
     assert [r.request_id for r in scheduler.waiting] == ["p#0"]
     assert scheduler.stats().num_waiting == 4
 
     output, _, _ = step(scheduler, runner)
     assert output.num_scheduled_tokens == {"p#0": 10}
-    # The source sampled: siblings share its first 9 tokens and go to the front of waiting.
+    # The first sampled: the others, holding no blocks yet, go to the front of the queue.
     assert [r.request_id for r in scheduler.waiting] == ["p#1", "p#2", "p#3"]
-    for sibling in siblings[1:]:
-        assert scheduler.kv.block_ids(sibling.request_id) == [0, 1, 2]
-        assert sibling.num_computed_tokens == 9 and sibling.num_cached_tokens == 9
-    assert [b.ref_count for b in scheduler.kv.pool.blocks[:3]] == [4, 4, 4]
+    assert [scheduler.kv.block_ids(s.request_id) for s in samples[1:]] == [[], [], []]
 
     output, _, _ = step(scheduler, runner)
-    assert output.num_scheduled_tokens == {"p#0": 1, "p#1": 1, "p#2": 1, "p#3": 1}
-    # Each writer of the shared partial block 2 copies it, except the last holder.
-    assert output.blocks_to_copy == [(2, 3), (2, 4), (2, 5)]
-    assert output.cached_requests == [CachedRequestData("p#0", [siblings[0].output_token_ids[0]], 2, [3], 10)]
+    # They hit the two full blocks in the prefix cache and compute the partial one themselves.
+    assert output.num_scheduled_tokens == {"p#0": 1, "p#1": 2, "p#2": 2, "p#3": 2}
+    assert output.cached_requests == [CachedRequestData("p#0", [samples[0].output_token_ids[0]], 3, [], 10)]
     assert [(n.request_id, n.block_ids, n.num_computed_tokens, n.sample_index) for n in output.new_requests] == [
-        ("p#1", [0, 1, 4], 9, 1), ("p#2", [0, 1, 5], 9, 2), ("p#3", [0, 1, 2], 9, 3)]
+        ("p#1", [0, 1, 3], 8, 1), ("p#2", [0, 1, 4], 8, 2), ("p#3", [0, 1, 5], 8, 3)]
+    assert [b.ref_count for b in scheduler.kv.pool.blocks[:2]] == [4, 4]
     assert scheduler.kv.pool.num_blocks - scheduler.kv.num_free_blocks == 6  # 4 independent: 12
+    assert all(s.num_cached_tokens == 8 for s in samples[1:])
 
-    streamed, _ = run_to_end(scheduler, runner)
-    for sibling in siblings[1:]:
-        # Each sibling computed only the last prompt token, then decoded.
-        assert runner.computed_ranges[sibling.request_id] == [(9, 10), (10, 11), (11, 12)]
-    outputs = [tuple(s.output_token_ids) for s in siblings]
-    assert len(set(outputs)) == 4  # sample_index makes the fake model differ per sibling
-    for sibling in siblings:
+    run_to_end(scheduler, runner)
+    for sample in samples[1:]:
+        assert runner.computed_ranges[sample.request_id] == [(8, 10), (10, 11), (11, 12)]
+    assert len({tuple(s.output_token_ids) for s in samples}) == 4  # sample_index makes the fake model differ
+    for sample in samples:
         expected, tokens = [], list(prompt)
         for _ in range(3):
-            expected.append(fake_token(sibling.sample_index, tokens, 50))
+            expected.append(fake_token(sample.sample_index, tokens, 50))
             tokens.append(expected[-1])
-        assert sibling.output_token_ids == expected
+        assert sample.output_token_ids == expected
     assert scheduler.kv.num_free_blocks == 32
 
 
@@ -516,8 +478,7 @@ def test_parallel_sampling_uses_fewer_blocks_than_independent_requests():
 
     def peak_blocks(requests):
         scheduler = make_scheduler(64, BS)
-        for request in requests:
-            scheduler.add_request(request)
+        add_requests(scheduler, requests)
         runner, peak = FakeRunner(BS), 0
         while scheduler.has_unfinished_requests():
             output = scheduler.schedule()  # measured before finished requests free their blocks
@@ -532,77 +493,50 @@ def test_parallel_sampling_uses_fewer_blocks_than_independent_requests():
     # 14 prompt + 3 computed output tokens = 17 tokens = 5 blocks per request.
     assert independent == 4 * 5
     # Samples 2..4 run one step behind the first: when they reach their 5th block the
-    # first has finished; 3 shared full blocks + 3 x (own copy of block 3 + block 4).
+    # first has finished; 3 shared full blocks + 3 x (own block 3 + block 4).
     assert shared == 3 + 3 * 2
-    assert shared < independent
 
 
-def test_parallel_sampling_at_a_block_boundary_copies_the_full_last_block():
+def test_parallel_sampling_at_a_block_boundary_recomputes_the_last_full_block():
     scheduler = make_scheduler(16, BS)
     runner = FakeRunner(BS)
-    siblings = make_siblings("p", list(range(1, 9)), 2, max_tokens=3, ignore_eos=True)  # 8 tokens
-    for request in siblings:
-        scheduler.add_request(request)
+    samples = make_siblings("p", list(range(1, 9)), 2, max_tokens=3, ignore_eos=True)  # 8 tokens
+    add_requests(scheduler, samples)
     step(scheduler, runner)
-    assert scheduler.kv.block_ids("p#1") == [0, 1]  # shares 7 tokens: blocks 0 and 1
     output, _, _ = step(scheduler, runner)
-    assert output.num_scheduled_tokens == {"p#0": 1, "p#1": 1}
-    assert output.blocks_to_copy == [(1, 3)]  # p#1 rewrites token 7 in a copy of block 1
+    # A hit leaves the last prompt token to compute: p#1 shares block 0 and writes tokens 4..7 anew.
+    assert output.num_scheduled_tokens == {"p#0": 1, "p#1": 4}
     assert scheduler.kv.block_ids("p#0") == [0, 1, 2]
     assert scheduler.kv.block_ids("p#1") == [0, 3]
     run_to_end(scheduler, runner)
     assert scheduler.kv.num_free_blocks == 16
 
 
-def test_a_sibling_copies_a_cached_full_block_that_a_new_request_hits_in_the_same_step():
-    # Regression: p#0 finishes at its first token, so p#1 alone holds block 1, the full
-    # cached last block of the 8-token prompt, and recomputes token 7 in it. q, admitted
-    # in the same step, hits block 1: p#1 must write a copy, not block 1 itself.
-    scheduler = make_scheduler(16, BS)
-    runner = FakeRunner(BS)
-    prompt = list(range(10, 18))
-    siblings = make_siblings("p", prompt, 2, max_tokens=1, ignore_eos=True)
-    for request in siblings:
-        scheduler.add_request(request)
-    step(scheduler, runner)
-    assert scheduler.kv.block_ids("p#1") == [0, 1] and siblings[0].status == RequestStatus.FINISHED_LENGTH
-    q = make_request("q", prompt + [3, 4], max_tokens=2, ignore_eos=True)
-    scheduler.add_request(q)
-    output, _, _ = step(scheduler, runner)  # checks that written blocks have ref count 1
-    assert output.num_scheduled_tokens == {"p#1": 1, "q": 2}
-    assert output.blocks_to_copy == [(1, 2)]
-    assert [(n.request_id, n.block_ids, n.num_computed_tokens) for n in output.new_requests] == [
-        ("p#1", [0, 2], 7), ("q", [0, 1, 3], 8)]
-    run_to_end(scheduler, runner)
-    assert scheduler.kv.num_free_blocks == 16
-
-
-def test_abort_a_pending_sibling_and_a_source_with_pending_siblings():
+def test_abort_a_held_sample_and_a_first_sample_others_wait_for():
     scheduler = make_scheduler(16, BS, max_num_batched_tokens=4)
     runner = FakeRunner(BS)
-    siblings = make_siblings("p", list(range(1, 11)), 3, max_tokens=2, ignore_eos=True)
-    for request in siblings:
-        scheduler.add_request(request)
-    step(scheduler, runner)  # the source computed 4 of its 10 prompt tokens
+    samples = make_siblings("p", list(range(1, 11)), 3, max_tokens=2, ignore_eos=True)
+    add_requests(scheduler, samples)
+    step(scheduler, runner)  # the first computed 4 of its 10 prompt tokens
     scheduler.finish_requests(["p#1"], RequestStatus.FINISHED_ABORTED)
     assert scheduler.stats().num_waiting == 1
     scheduler.finish_requests(["p#0"], RequestStatus.FINISHED_ABORTED)
-    # The remaining sibling runs on its own, recomputing what the source had computed.
-    assert list(scheduler.waiting) == [siblings[2]] and siblings[2].fork_source is None
+    # The remaining sample runs on its own, recomputing what the first had computed.
+    assert list(scheduler.waiting) == [samples[2]] and len(scheduler.held_samples) == 0
     assert scheduler.kv.num_free_blocks == 16
     run_to_end(scheduler, runner)
-    assert siblings[2].status == RequestStatus.FINISHED_LENGTH
+    assert samples[2].status == RequestStatus.FINISHED_LENGTH
     assert scheduler.kv.num_free_blocks == 16
 
 
-def test_sibling_added_after_the_source_computed_its_prompt_uses_the_prefix_cache():
+def test_a_sample_added_after_the_first_computed_its_prompt_uses_the_prefix_cache():
     scheduler = make_scheduler(16, BS)
     runner = FakeRunner(BS)
     first, second = make_siblings("p", list(range(1, 11)), 2, max_tokens=3, ignore_eos=True)
     scheduler.add_request(first)
     step(scheduler, runner)
     scheduler.add_request(second)
-    assert second.fork_source is None and list(scheduler.waiting) == [second]
+    assert list(scheduler.waiting) == [second]
     output, _, _ = step(scheduler, runner)
     assert output.new_requests[0].num_computed_tokens == 8  # two cached full blocks
 

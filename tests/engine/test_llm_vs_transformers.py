@@ -54,7 +54,7 @@ def _greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 def _assert_all_blocks_free(llm: LLM) -> None:
     kv = llm.llm_engine.engine_core.scheduler.kv
     assert kv.num_free_blocks == kv.pool.num_blocks
-    assert not kv.req_to_blocks
+    assert not kv.requests
 
 
 def test_batch_equals_transformers(llm, prompts, expected):

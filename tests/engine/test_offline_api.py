@@ -29,7 +29,7 @@ def llm(tiny):
 
 def _free(llm: LLM) -> bool:
     kv = llm.llm_engine.engine_core.scheduler.kv
-    return kv.num_free_blocks == kv.pool.num_blocks and not kv.req_to_blocks
+    return kv.num_free_blocks == kv.pool.num_blocks and not kv.requests
 
 
 def test_mixed_prompt_kinds_in_input_order(llm, tiny):
