@@ -12,15 +12,17 @@ import pytest
 from pagedllm.platforms.cpu import memory
 
 # 2048-token prefill steps of the embedded model in float32 (8 distinct prompts
-# of 256 tokens each; no prefix caching, so later steps reuse the first one's KV
-# blocks): two to settle the heap, then prints the page faults of three more.
+# of 256 tokens each; no prefix caching, and a KV pool of 136 blocks, one step's
+# 128 and a few: later steps rewrite blocks the first ones touched, so the pool's
+# own first-touch faults stay out of the count): two to settle the heap, then
+# prints the page faults of three more.
 # float32, not the CPU's `auto` choice: bfloat16 activations are half as large
 # and glibc's defaults already fault few of them in again (measured on an
 # AVX-512 BF16 CI machine, where `auto` is bfloat16: 2567 kept, 7218 default).
 _PROBE = """
 import resource
 from pagedllm import LLM, SamplingParams
-llm = LLM(enable_prefix_caching=False, dtype="float32")
+llm = LLM(enable_prefix_caching=False, dtype="float32", max_model_len=512, num_kv_blocks=136)
 params = SamplingParams(max_tokens=1, ignore_eos=True)
 def prompts(offset):
     return [{"prompt_token_ids": [offset + 300 * i + t for t in range(256)]} for i in range(8)]
