@@ -47,6 +47,7 @@ def test_prefill_steps_reuse_activation_memory():
     kept = _prefill_step_faults(env)
     # Any malloc setting in the environment makes the worker leave malloc as it is.
     default = _prefill_step_faults({**env, "GLIBC_TUNABLES": "glibc.malloc.check=0"})
-    # Measured here: 180-6700 page faults kept (the heap now and then still grows
-    # once), 300 000-660 000 by default.
-    assert default > 10 * kept, (kept, default)
+    # Measured: 0-6700 page faults kept (the heap now and then still grows once),
+    # 24 000-660 000 by default (fewer in a long test session, where glibc's dynamic
+    # mmap threshold has already risen).
+    assert default > 4 * kept, (kept, default)
