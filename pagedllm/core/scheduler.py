@@ -207,7 +207,8 @@ class Scheduler:
             if request.grammar is not None:
                 request.grammar.accept_token(token_id)
             self.kv.cache_full_blocks(request)
-            self._release_samples(request)  # its prompt is computed and its full blocks cached
+            if request.num_output_tokens == 1:  # its prompt is computed and its full blocks cached
+                self._release_samples(request)
             self.kv.release_out_of_window_blocks(request)
             status = check_stop(request, self.max_model_len)
             logprobs = runner_output.logprobs.get(request_id)

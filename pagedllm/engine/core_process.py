@@ -259,10 +259,9 @@ class CoreProcess:
         return self.process.is_alive()
 
     def exit_status(self) -> str:
-        self.process.join(timeout=1.0)  # the pipe may close a moment before the exit status is ready
-        code = self.process.exitcode
-        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-        return f"pid {self.process.pid}, {how}"
+        from pagedllm.executor.multiproc import exit_status
+
+        return exit_status(self.process)
 
     def shutdown(self) -> None:
         """Ask the core to stop (it finishes the step in progress), then kill it if it

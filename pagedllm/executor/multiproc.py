@@ -98,11 +98,7 @@ class MultiprocExecutor(DistributedExecutor):
         return results
 
     def _exit_status(self, rank: int) -> str:
-        process = self.processes[rank]
-        process.join(timeout=1.0)  # the pipe may close a moment before the exit status is ready
-        code = process.exitcode
-        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-        return f"pid {process.pid}, {how}"
+        return exit_status(self.processes[rank])
 
     def _check_ranks(self) -> None:
         failures = Failures()
@@ -164,6 +160,14 @@ def _call(function, *args) -> tuple[bool, Any]:
         return True, function(*args)
     except Exception:  # noqa: BLE001 - every failure goes back to the engine
         return False, traceback.format_exc()
+
+
+def exit_status(process: BaseProcess) -> str:
+    """How a child process ended, for error messages: 'pid N, killed by SIGKILL' / 'pid N, exit code 1'."""
+    process.join(timeout=1.0)  # its pipe may close a moment before the exit status is ready
+    code = process.exitcode
+    how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+    return f"pid {process.pid}, {how}"
 
 
 def exit_with_parent() -> None:
