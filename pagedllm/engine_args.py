@@ -30,11 +30,13 @@ class EngineArgs:
     model: str | None = _option(None, f"Hugging Face model folder, .gguf file or alias (default: {DEFAULT_MODEL_ALIAS})")
     dtype: str = _option(
         "auto", "weights/activations dtype; auto = checkpoint dtype, 16-bit runs as bfloat16 on CUDA; a CPU with "
-        "native bfloat16 times both and takes the faster; other CPUs float32; --quantization gguf: float32",
+        "native bfloat16 times both and takes the faster; other CPUs float32; with --quantization (or a GPTQ/AWQ checkpoint): float32",
         choices=DTYPES)
     quantization: str | None = _option(
         None, "gguf: run a .gguf file's quantized matrices (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) without "
-        "dequantizing them (CPU; other types are dequantized); default: dequantize at load",
+        "dequantizing them (CPU; other types are dequantized); default: dequantize at load. gptq, awq: a Hugging "
+        "Face checkpoint's 4-bit (GPTQ, AWQ) or 8-bit (GPTQ) weights, run on the same kernels (CPU); chosen by "
+        "itself from the checkpoint's quantization_config",
         flags=("-q", "--quantization"), choices=QUANTIZATIONS)
     device: str = _option("auto", "where the model runs", choices=("auto", "cpu", "cuda"))
     max_model_len: int | None = _option(

@@ -25,7 +25,8 @@ class LLM:
     dtype: auto | float32 | bfloat16 | float16.
     kv_cache_memory: KV pool size in GiB (or '512MiB'); default min(4 GiB, 25%
         of available memory) on CPU. num_kv_blocks overrides it.
-    quantization: None | "gguf" (a .gguf file's quantized matrices run as they are, CPU).
+    quantization: None | "gguf" (a .gguf file's quantized matrices run as they are, CPU) |
+        "gptq" | "awq" (a Hugging Face checkpoint's; taken from its quantization_config when None).
     tensor_parallel_size: split the model over this many worker processes.
     An unknown keyword is a TypeError naming it.
     """

@@ -28,17 +28,17 @@ def checkpoint_files(folder: str) -> list[str]:
                      "model.safetensors.index.json) and pytorch_model*.bin")
 
 
-def checkpoint_has_tensor(folder: str, name: str) -> bool:
-    """Whether the checkpoint holds a tensor called `name`, from the safetensors headers
-    (a .bin file is memory-mapped, not read)."""
+def checkpoint_tensor_names(folder: str) -> set[str]:
+    """The names of the checkpoint's tensors, from the safetensors headers (a .bin file
+    is memory-mapped, not read)."""
+    names: set[str] = set()
     for path in checkpoint_files(folder):
         if path.endswith(".safetensors"):
             with safe_open(path, framework="pt") as f:
-                if name in f.keys():
-                    return True
-        elif name in torch.load(path, map_location="cpu", weights_only=True, mmap=True):
-            return True
-    return False
+                names.update(f.keys())
+        else:
+            names.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    return names
 
 
 def iter_hf_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:

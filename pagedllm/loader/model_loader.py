@@ -19,6 +19,10 @@ def iter_checkpoint(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tens
         from pagedllm.loader.gguf_loader import iter_gguf_weights
 
         return iter_gguf_weights(model_config.path, quantized=model_config.quantization == "gguf")
+    if model_config.hf_quantization is not None:
+        from pagedllm.loader.hf_quantized import iter_hf_quantized_weights
+
+        return iter_hf_quantized_weights(model_config.path, model_config.hf_quantization)
     from pagedllm.loader.hf_loader import iter_hf_weights
 
     return iter_hf_weights(model_config.path)
@@ -37,9 +41,9 @@ def load_model(model_config: ModelConfig) -> nn.Module:
     # it does not ship tied (a GGUF config already says whether output.weight is there).
     if (getattr(model_class, "tie_without_lm_head", False) and not hf_config.tie_word_embeddings
             and not model_config.is_gguf):
-        from pagedllm.loader.hf_loader import checkpoint_has_tensor
+        from pagedllm.loader.hf_loader import checkpoint_tensor_names
 
-        if not checkpoint_has_tensor(model_config.path, "lm_head.weight"):
+        if "lm_head.weight" not in checkpoint_tensor_names(model_config.path):
             hf_config = config_with(hf_config, tie_word_embeddings=True)
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch_dtype(model_config.dtype))
