@@ -134,7 +134,7 @@ def _layer_weight(parts: dict[str, torch.Tensor], scheme: HFQuantization, name: 
         q = _awq_order(unpack(qweight, scheme.bits, dim=1))
         zeros = _awq_order(unpack(qzeros, scheme.bits, dim=1))
     in_features, out_features = q.shape
-    zeros = zeros[:, :out_features] + scheme.zero_offset
+    zeros = zeros[:, :out_features].to(torch.int16) + scheme.zero_offset
     scales = scales[:, :out_features]
     if "g_idx" in parts:
         groups = parts["g_idx"].long()
@@ -146,21 +146,20 @@ def _layer_weight(parts: dict[str, torch.Tensor], scheme: HFQuantization, name: 
                          f"{tuple(scales.shape)} and {groups.shape[0]} group indices do not fit together")
     fmt = _block_format(scheme.bits, zeros, groups)
     if fmt is None:
-        return (scales.float()[groups] * (q - zeros[groups]).float()).T.contiguous()
+        return (scales.float()[groups] * (q.float() - zeros[groups].float())).T.contiguous()
     return QuantizedTensor(_blocks(fmt, q, zeros, scales, groups), fmt, in_features)
 
 
 def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """int32 words [r, c] -> their bits-wide values (int32), low bits first, along dim:
-    [r * 32 // bits, c] for dim 0, [r, c * 32 // bits] for dim 1."""
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
-    packed = packed.to(torch.int32)
-    if dim == 0:
-        values = packed.unsqueeze(1) >> shifts.view(1, -1, 1)  # [r, per_word, c]
-    else:
-        values = packed.unsqueeze(2) >> shifts.view(1, 1, -1)  # [r, c, per_word]
-    shape = (-1, packed.shape[1]) if dim == 0 else (packed.shape[0], -1)
-    return (values & ((1 << bits) - 1)).reshape(shape)
+    """int32 words [r, c] -> their bits-wide values (uint8), low bits first, along dim:
+    [r * 32 // bits, c] for dim 0, [r, c * 32 // bits] for dim 1. One shift at a time, so
+    an 8B model's largest layer needs no int32 copy per value (~0.9 GB) while loading."""
+    per_word, mask = 32 // bits, (1 << bits) - 1
+    rows, cols = packed.shape
+    values = torch.empty((rows, per_word, cols) if dim == 0 else (rows, cols, per_word), dtype=torch.uint8)
+    for k in range(per_word):
+        values.select(1 if dim == 0 else 2, k).copy_((packed >> (bits * k)) & mask)
+    return values.reshape((rows * per_word, cols) if dim == 0 else (rows, cols * per_word))
 
 
 def _awq_order(values: torch.Tensor) -> torch.Tensor:
@@ -194,7 +193,7 @@ def _blocks(fmt, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, gro
     if fmt is Q4_1:
         fields.append(_fp16_bytes(-d * zeros[block_groups].T.float()))
     if fmt is Q8_0:
-        fields.append((values - 128).to(torch.int8).view(torch.uint8))
+        fields.append((values.to(torch.int16) - 128).to(torch.int8).view(torch.uint8))
     else:
         fields.append((values[..., :16] | (values[..., 16:] << 4)).to(torch.uint8))
     return torch.cat(fields, dim=-1).reshape(out_features, -1)
