@@ -67,12 +67,13 @@ class EngineArgs:
         1, "split the model across this many worker processes (one rank each)",
         flags=("-tp", "--tensor-parallel-size"), cli_type=int)
     distributed_executor_backend: str = _option(
-        "mp", "how the ranks run with -tp > 1: local processes (mp) or Ray actors, possibly on several machines "
-        "(ray; needs pip install pagedllm[ray])", choices=("mp", "ray"))
+        "mp", "how the ranks run with -tp > 1, and the engine cores with serve -dp > 1: local processes (mp) or "
+        "Ray actors, possibly on several machines (ray; needs pip install pagedllm[ray])", choices=("mp", "ray"))
     data_parallel_size: int = _option(
-        1, "serve with this many engine cores, each a whole copy of the model in its own process (with its own "
-        "-tp ranks) and its own KV cache; requests go to the replica holding the longest cached prefix of their "
-        "prompt unless it is much busier. pagedllm serve only (the CPU cores are shared among them)",
+        1, "serve with this many engine cores, each a whole copy of the model (with its own -tp ranks) and its own "
+        "KV cache, in a process of its own on this machine (the CPU cores are shared among them) or, with "
+        "--distributed-executor-backend ray, in a Ray actor wherever the cluster has room; requests go to the "
+        "replica holding the longest cached prefix of their prompt unless it is much busier. pagedllm serve only",
         flags=("-dp", "--data-parallel-size"), cli_type=int)
 
     def create_engine_config(self) -> EngineConfig:

@@ -4,7 +4,8 @@ The text side lives here, on the event loop: the tokenizer, the input processor
 (the handlers validate each prompt once into an EngineCoreRequest) and the output
 processor (incremental detokenization, stop strings, logprobs, per-request deltas).
 The engine cores -- scheduler, KV cache manager, executor -- run in their own
-processes (core_process.py), one per data-parallel replica, fed token ids; a router
+processes (core_process.py), one per data-parallel replica, or with -dp N and the ray
+backend in Ray actors (ray_core.py, the same handle interface), fed token ids; a router
 (dp_router.py) picks each request's replica. A receiver thread per core hands its
 per-step report to the event loop, which turns it into deltas for the `generate`
 calls waiting on them; closing or cancelling a call aborts its requests, freeing
@@ -21,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler import SchedulerStats, combined_stats
-from pagedllm.engine.core_process import AddRequests, CoreProcess, FinishRequests, StepReport
+from pagedllm.engine.core_process import AddRequests, CoreHandle, CoreProcess, FinishRequests, StepReport
 from pagedllm.engine.dp_router import DataParallelRouter
 from pagedllm.engine.engine_core import EngineCoreRequest
 from pagedllm.engine.input_processor import InputProcessor, load_tokenizer
@@ -49,10 +50,15 @@ class AsyncLLMEngine:
         self.input_processor = InputProcessor(config.model, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._observer = step_observer
-        self.cores: list[CoreProcess] = []
+        core_class = CoreProcess
+        if config.parallel.data_parallel_size > 1 and config.parallel.distributed_executor_backend == "ray":
+            from pagedllm.engine.ray_core import RayCore  # Ray is optional: imported only when asked for
+
+            core_class = RayCore
+        self.cores: list[CoreHandle] = []
         try:
             for replica in range(config.parallel.data_parallel_size):
-                self.cores.append(CoreProcess(config, replica))
+                self.cores.append(core_class(config, replica))
             ready = [core.wait_ready() for core in self.cores]
         except BaseException:
             for core in self.cores:

@@ -11,6 +11,8 @@ it takes whatever arrived during the last step before each step, so adds and abo
 wait at most one step. The core process ignores SIGINT (the server decides when it
 stops), exits when its pipe closes or the server process dies, and reports a failing
 step before it exits; the server sees its death as EOF on the report pipe at once.
+With -dp N and the ray backend a Ray actor hosts the same run_core and loop instead
+(ray_core.py).
 
 Test hook: with the environment variable PAGEDLLM_FAULT_INJECT_STEP=N, the N-th model
 step of each core (counting from 1) raises instead of running, so that tests can check
@@ -68,6 +70,7 @@ class Shutdown:
 class CoreReady:
     num_blocks: int
     kv_cache_bytes: int
+    pid: int  # of the process hosting the core (a Ray actor's worker process), for the log
 
 
 @dataclass
@@ -142,20 +145,35 @@ class CoreLoop:
 
 def _core_main(config: EngineConfig, replica: int, commands: Connection, reports: Connection,
                log_level: int) -> None:
-    # Imported here: the API process never needs the executor (torch) modules this pulls in.
-    from pagedllm.engine.input_processor import eos_token_ids, load_tokenizer
     from pagedllm.executor.multiproc import exit_with_parent
-    from pagedllm.structured_output.grammar import GrammarCompiler
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     exit_with_parent()
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s %(name)s[core{replica}]: %(message)s")
+    num_threads = None
     num_replicas = config.parallel.data_parallel_size
     if num_replicas > 1 and config.model.device == "cpu":
         import torch
 
         # The replicas share this host's cores; each one's default (all of them) would oversubscribe.
-        torch.set_num_threads(max(1, torch.get_num_threads() // num_replicas))
+        num_threads = max(1, torch.get_num_threads() // num_replicas)
+    run_core(config, replica, commands, reports, log_level, num_threads)
+
+
+def run_core(config: EngineConfig, replica: int, commands: Connection, reports: Connection, log_level: int,
+             num_threads: int | None) -> None:
+    """Load the engine core, report CoreReady (or CoreFailed with the start-up error), then
+    run its loop until Shutdown, reporting a failure as CoreFailed. A core process runs
+    this in its main thread, a Ray actor (ray_core.py) in a thread of its own.
+    num_threads: torch's CPU threads (None: torch's default)."""
+    # Imported here: the API process never needs the executor (torch) modules this pulls in.
+    from pagedllm.engine.input_processor import eos_token_ids, load_tokenizer
+    from pagedllm.structured_output.grammar import GrammarCompiler
+
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s %(name)s[core{replica}]: %(message)s")
+    if num_threads is not None:
+        import torch
+
+        torch.set_num_threads(num_threads)
     try:
         tokenizer = load_tokenizer(config.model)
         compiler = None
@@ -168,7 +186,7 @@ def _core_main(config: EngineConfig, replica: int, commands: Connection, reports
         reports.send(_start_failure(error))
         return
     try:
-        reports.send(CoreReady(core.num_blocks, core.kv_cache_bytes))
+        reports.send(CoreReady(core.num_blocks, core.kv_cache_bytes, os.getpid()))
         CoreLoop(core, commands, reports).run()
     except Exception as failure:  # noqa: BLE001 - any failure kills the core; the server answers 503
         logger.exception("engine core %d failed; it stops and its requests fail", replica)
@@ -197,12 +215,66 @@ def _start_failure(error: BaseException) -> CoreFailed:
 # ---- in the API-server process ----------------------------------------------------------
 
 
-class CoreProcess:
-    """The server's handle on one engine core process (replica `replica`)."""
+class CoreGone(Exception):
+    """The core's process or actor is gone; the message says which and how."""
+
+
+class CoreHandle:
+    """The server's handle on one engine core (replica `replica`), whatever hosts it: a
+    local process (CoreProcess) or a Ray actor (ray_core.RayCore). A subclass starts the
+    core and provides _receive, send, is_alive and shutdown; this class turns the core's
+    reports into wait_ready and the receiver thread."""
+
+    def __init__(self, replica: int) -> None:
+        self.replica = replica
+        self.ready: CoreReady | None = None
+        self._receiver: threading.Thread | None = None
+        self._stopping = False  # set by shutdown: the core's end that follows is no news
+
+    def _receive(self) -> list[CoreReady | CoreFailed | StepReport]:
+        """Block until the core reports; what it has reported. Raises CoreGone once it is gone."""
+        raise NotImplementedError
+
+    def wait_ready(self) -> CoreReady:
+        """Block until the core has loaded the model and sized its KV cache; re-raise
+        its start-up error (a ValueError names the limit, as in-process)."""
+        try:
+            message, = self._receive()  # alone: no command was sent yet
+        except CoreGone as gone:
+            raise RuntimeError(f"{gone} during start-up; see the log above") from None
+        if isinstance(message, CoreFailed):
+            raise message.error
+        self.ready = message
+        return message
+
+    def start_receiving(self, on_report: Callable[[int, StepReport], None],
+                        on_death: Callable[[int, str], None]) -> None:
+        """Hand every report to on_report(replica, report) from a receiver thread;
+        on_death(replica, reason) once if the core fails or its host dies."""
+        def receive() -> None:
+            while True:
+                try:
+                    messages = self._receive()
+                except CoreGone as gone:
+                    if not self._stopping:
+                        on_death(self.replica, str(gone))
+                    return
+                for message in messages:
+                    if isinstance(message, CoreFailed):
+                        on_death(self.replica, message.reason)
+                        return
+                    on_report(self.replica, message)
+
+        self._receiver = threading.Thread(target=receive, name=f"pagedllm-core{self.replica}-reports", daemon=True)
+        self._receiver.start()
+
+
+class CoreProcess(CoreHandle):
+    """An engine core in a process of its own, on this machine."""
 
     def __init__(self, config: EngineConfig, replica: int) -> None:
+        super().__init__(replica)
         context = multiprocessing.get_context("spawn")  # fork would copy threads and torch state
-        self.replica = replica
         child_commands, self._commands = context.Pipe(duplex=False)
         self._reports, child_reports = context.Pipe(duplex=False)
         self.process = context.Process(target=_core_main, name=f"pagedllm-core{replica}",
@@ -212,41 +284,12 @@ class CoreProcess:
         # Only the child holds these ends now: its death reads as EOF here.
         child_commands.close()
         child_reports.close()
-        self.ready: CoreReady | None = None
-        self._receiver: threading.Thread | None = None
 
-    def wait_ready(self) -> CoreReady:
-        """Block until the core has loaded the model and sized its KV cache; re-raise
-        its start-up error (a ValueError names the limit, as in-process)."""
+    def _receive(self) -> list[CoreReady | CoreFailed | StepReport]:
         try:
-            message = self._reports.recv()
+            return [self._reports.recv()]
         except (EOFError, OSError):
-            raise RuntimeError(f"engine core {self.replica} exited during start-up ({self.exit_status()}); "
-                               "see the log above") from None
-        if isinstance(message, CoreFailed):
-            self.process.join()
-            raise message.error
-        self.ready = message
-        return message
-
-    def start_receiving(self, on_report: Callable[[int, StepReport], None],
-                        on_death: Callable[[int, str], None]) -> None:
-        """Hand every report to on_report(replica, report) from a receiver thread;
-        on_death(replica, reason) once if the core fails or exits."""
-        def receive() -> None:
-            while True:
-                try:
-                    message = self._reports.recv()
-                except (EOFError, OSError):
-                    on_death(self.replica, f"engine core {self.replica} exited ({self.exit_status()})")
-                    return
-                if isinstance(message, CoreFailed):
-                    on_death(self.replica, message.reason)
-                    return
-                on_report(self.replica, message)
-
-        self._receiver = threading.Thread(target=receive, name=f"pagedllm-core{self.replica}-reports", daemon=True)
-        self._receiver.start()
+            raise CoreGone(f"engine core {self.replica} exited ({self.exit_status()})") from None
 
     def send(self, message: AddRequests | FinishRequests | Shutdown) -> None:
         """Queue a command; a dead core is reported by the receiver, not here."""
@@ -266,6 +309,7 @@ class CoreProcess:
     def shutdown(self) -> None:
         """Ask the core to stop (it finishes the step in progress), then kill it if it
         has not exited in EXIT_TIMEOUT_S."""
+        self._stopping = True
         self.send(Shutdown())
         self.process.join(EXIT_TIMEOUT_S)
         if self.process.is_alive():

@@ -6,7 +6,8 @@ with `ray start`, or starts a local one) and reserves one bundle per rank; PACK
 keeps the ranks on as few machines as possible, since every layer all-reduces.
 The ranks meet at a free port on rank 0's node and talk through torch.distributed,
 as the multi-process executor's do; only the calls and rank 0's result go through Ray.
-Ray is optional (`pip install pagedllm[ray]`) and imported only here.
+Ray is optional (`pip install pagedllm[ray]`): imported only here and in ray_utils.py
+(connecting, placement, release; shared with the Ray-hosted engine cores).
 """
 
 from __future__ import annotations
@@ -20,20 +21,9 @@ from typing import Any
 from pagedllm.config import CacheConfig, ModelConfig
 from pagedllm.distributed.rendezvous import tcp_init_method
 from pagedllm.executor.distributed import FAILURE_GRACE_S, DistributedExecutor, Failures, start_worker
+from pagedllm.executor.ray_utils import connect, place, release, reserve
 
 logger = logging.getLogger(__name__)
-
-# How long to wait for the cluster to have room for every rank before giving up.
-PLACEMENT_TIMEOUT_S = float(os.environ.get("PAGEDLLM_RAY_PLACEMENT_TIMEOUT_S", "120"))
-
-
-def _import_ray():
-    try:
-        import ray
-    except ImportError as e:
-        raise ModuleNotFoundError("distributed_executor_backend='ray' needs Ray: pip install 'pagedllm[ray]'",
-                                  name="ray") from e
-    return ray
 
 
 class RayWorker:
@@ -61,28 +51,17 @@ class RayWorker:
 
 class RayExecutor(DistributedExecutor):
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, world_size: int) -> None:
-        ray = _import_ray()
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        if not ray.is_initialized():
-            ray.init()
+        ray = connect()
         self.world_size = world_size
         self.actors: list = []
         bundle = {"CPU": 1, "GPU": 1} if model_config.device == "cuda" else {"CPU": 1}
-        self.placement_group = placement_group([bundle] * world_size, strategy="PACK")
-        self._finalizer = weakref.finalize(self, _release, self.actors, self.placement_group)
+        self.placement_group = reserve([bundle] * world_size, "PACK", f"{world_size} ranks of {bundle}")
+        self._finalizer = weakref.finalize(self, release, self.actors, self.placement_group)
         try:
-            ready, _ = ray.wait([self.placement_group.ready()], timeout=PLACEMENT_TIMEOUT_S)
-            if not ready:
-                raise RuntimeError(f"the Ray cluster has no room for {world_size} ranks of {bundle} after "
-                                   f"{PLACEMENT_TIMEOUT_S:.0f} s; its resources: {ray.cluster_resources()}")
             actor_class = ray.remote(RayWorker)
             for rank in range(world_size):
-                strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
-                self.actors.append(actor_class.options(
-                    num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), scheduling_strategy=strategy,
-                ).remote(model_config, cache_config, rank, world_size))
+                self.actors.append(place(actor_class, self.placement_group, rank, bundle).remote(
+                    model_config, cache_config, rank, world_size))
             init_method = ray.get(self.actors[0].rendezvous.remote())
             self._gather([actor.start.remote(init_method) for actor in self.actors])
             self.pids = self._gather([actor.pid.remote() for actor in self.actors])
@@ -123,13 +102,3 @@ class RayExecutor(DistributedExecutor):
 
     def shutdown(self) -> None:
         self._finalizer()
-
-
-def _release(actors: list, placement_group) -> None:
-    import ray
-
-    if not ray.is_initialized():  # the cluster is already gone (interpreter exit)
-        return
-    for actor in actors:
-        ray.kill(actor)
-    ray.util.remove_placement_group(placement_group)

@@ -13,16 +13,9 @@ from pagedllm import LLM
 from pagedllm.executor.distributed import WorkerError
 from tests.distributed.conftest import ENGINE_ARGS, assert_same_outputs, greedy_outputs, shutdown
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(300)
 MODEL = "llama-kv1-vocab321"
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

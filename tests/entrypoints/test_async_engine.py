@@ -80,6 +80,26 @@ def test_deltas_add_up_and_closing_early_aborts(tiny_model_dir):
     assert not psutil.pid_exists(core_pid)
 
 
+@pytest.mark.parametrize("backend", ["mp", "ray"])
+def test_a_replicas_start_up_error_is_raised_here_and_nothing_is_left(backend, request, tiny_model_dir):
+    """-dp 2 with a pool too small for one request: the core's ValueError is raised as
+    in-process, whether the cores are processes or Ray actors, and none is left behind."""
+    if backend == "ray":
+        request.getfixturevalue("ray_cluster")  # which skips the test without Ray
+    config = EngineArgs(model=tiny_model_dir, dtype="float32", num_kv_blocks=8, data_parallel_size=2,
+                        distributed_executor_backend=backend).create_engine_config()
+    with pytest.raises(ValueError, match="needs 32 blocks"):
+        AsyncLLMEngine(config)
+    assert not [child for child in psutil.Process().children() if "spawn_main" in " ".join(child.cmdline())]
+    if backend == "ray":  # the actors are killed and their placement groups removed: every CPU is free again
+        import ray
+
+        deadline = time.monotonic() + 30
+        while ray.available_resources().get("CPU") != 2:
+            assert time.monotonic() < deadline, ray.available_resources()
+            time.sleep(0.05)
+
+
 def _serve(async_engine: AsyncLLMEngine, metrics: EngineMetrics):
     return build_app(OpenAIServing(async_engine, "tiny", None, ServerLimits(max_waiting_requests=8)), metrics)
 

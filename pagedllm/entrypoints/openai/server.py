@@ -220,7 +220,7 @@ def run_server(args: argparse.Namespace) -> int:
                 engine.num_blocks * config.cache.block_size, engine.kv_cache_bytes / 2**30,
                 f" in each of {num_replicas} data-parallel replicas ({args.data_parallel_routing} routing)"
                 if num_replicas > 1 else "", "s" if num_replicas > 1 else "",
-                ", ".join(str(core.process.pid) for core in engine.cores), args.host, args.port,
+                ", ".join(str(core.ready.pid) for core in engine.cores), args.host, args.port,
                 " (API key required)" if args.api_key else "")
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                     timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S), serving.engine)
