@@ -9,12 +9,13 @@ compare the quantized engine with a float engine on exactly those weights.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import torch
 from safetensors.torch import save_file
+
+from tests.tiny_models import edit_json
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of each word holds output feature 8j + AWQ_PACK_ORDER[k]
@@ -108,10 +109,5 @@ def write_quantized_checkpoint(source: str, folder: str, quantization_config: di
                     quantized[name] = reference[name] = tensor
     save_file(quantized, os.path.join(folder, "model.safetensors"))
     save_file(reference, os.path.join(reference_folder, "model.safetensors"))
-    config_path = os.path.join(folder, "config.json")
-    with open(config_path) as f:
-        config = json.load(f)
-    config["quantization_config"] = quantization_config
-    with open(config_path, "w") as f:
-        json.dump(config, f)
+    edit_json(os.path.join(folder, "config.json"), lambda config: config.update(quantization_config=quantization_config))
     return reference_folder

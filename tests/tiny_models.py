@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -13,6 +15,16 @@ SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
 TINY_VOCAB_SIZE = 320
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def edit_json(path: str, edit: Callable[[dict], None]) -> None:
+    """Rewrite a JSON file (a config.json, a tokenizer_config.json) after `edit`
+    changed the loaded dict in place."""
+    with open(path) as f:
+        data = json.load(f)
+    edit(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
 
 
 def save_byte_tokenizer(folder: str) -> PreTrainedTokenizerFast:

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import transformers
 
 from pagedllm.loader.tokenizer import load_tokenizer_folder
-from tests.tiny_models import save_byte_tokenizer
+from tests.tiny_models import edit_json, save_byte_tokenizer
 
 TEXTS = ["Hello, world!", "naïve café 🤖", "<s>tags</s> stay"]
 
 
 def _set_tokenizer_class(folder, name: str) -> None:
-    path = os.path.join(folder, "tokenizer_config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config["tokenizer_class"] = name
-    with open(path, "w") as f:
-        json.dump(config, f)
+    edit_json(os.path.join(folder, "tokenizer_config.json"), lambda config: config.update(tokenizer_class=name))
 
 
 def test_generic_folder_loads_without_auto_and_tokenizes_like_auto(tmp_path):

@@ -3,13 +3,13 @@ and Gemma 2 (pre/post norms, attention and final logit soft-capping,
 query_pre_attn_scalar, alternating sliding window) against transformers; each
 also with tie_word_embeddings false and its own lm_head."""
 
-import json
 import os
 
 import pytest
 from safetensors import safe_open
 from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM
 
+from tests.tiny_models import edit_json
 from tests.models.helpers import assert_matches_reference, make_llm, make_prompts, save_hf_model, tiny_kwargs
 
 
@@ -38,12 +38,7 @@ def gemma(request, tmp_path_factory):
     with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
         assert ("lm_head.weight" in f.keys()) == name.endswith("-untied")
     if name in KEYLESS:
-        config_path = os.path.join(folder, "config.json")
-        with open(config_path) as f:
-            config = json.load(f)
-        config.pop("tie_word_embeddings", None)
-        with open(config_path, "w") as f:
-            json.dump(config, f)
+        edit_json(os.path.join(folder, "config.json"), lambda config: config.pop("tie_word_embeddings", None))
     return make_llm(folder), hf_model
 
 
