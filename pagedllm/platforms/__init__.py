@@ -21,6 +21,14 @@ if TYPE_CHECKING:
     import torch
 
 
+class StepClock:
+    """When a worker last ran a model step, for work that should wait until the model
+    is idle (the CPU KV pool's pre-faulting). idle_since: time.monotonic() at the end
+    of the last step, 0.0 before the first, math.inf while a step runs."""
+
+    idle_since: float = 0.0
+
+
 class Platform:
     device_type: str
 
@@ -48,6 +56,13 @@ class Platform:
         import torch.nn.functional as F
 
         return F.linear
+
+    def allocate_kv_cache(self, shape: tuple[int, ...], dtype: torch.dtype, num_layers: int,
+                          step_clock: StepClock) -> list[torch.Tensor]:
+        """num_layers zeroed KV tensors of `shape` (CacheEngine's layout) on this device."""
+        import torch
+
+        return [torch.zeros(shape, dtype=dtype, device=self.device_type) for _ in range(num_layers)]
 
     def quantized_kernels(self):
         """Matmul and embedding lookup on GGUF-quantized weights (layers/quantization.py), or None."""

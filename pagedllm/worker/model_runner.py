@@ -7,6 +7,8 @@ Python work per request, not per token.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,7 @@ from pagedllm.core.scheduler_output import GrammarBitmask, ModelRunnerOutput, Sc
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.sampler import SamplingBatch, gather_logprobs, mix_seed, sample
 from pagedllm.loader.model_loader import load_model, torch_dtype
+from pagedllm.platforms import StepClock
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.cache_engine import CacheEngine
 
@@ -60,6 +63,7 @@ class ModelRunner:
         self.kv_cache_dtype = torch_dtype(cache_config.kv_dtype(model_config.dtype))
         self.model: torch.nn.Module | None = None
         self.cache: CacheEngine | None = None
+        self.step_clock = StepClock()
         self.requests: dict[str, RequestState] = {}
         self.vocab_size = model_config.hf_config.vocab_size
 
@@ -77,7 +81,8 @@ class ModelRunner:
 
     def init_kv_cache(self, num_blocks: int, num_kv_heads: int) -> None:
         self.cache = CacheEngine(self.model_config.num_layers, num_blocks, self.block_size, num_kv_heads,
-                                 self.model_config.head_dim, self.kv_cache_dtype, self.model_config.device)
+                                 self.model_config.head_dim, self.kv_cache_dtype, self.model_config.device,
+                                 self.step_clock)
 
     # ---- per-step state -----------------------------------------------------
 
@@ -143,8 +148,15 @@ class ModelRunner:
 
     # ---- the step -----------------------------------------------------------
 
-    @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        self.step_clock.idle_since = math.inf
+        try:
+            return self._execute_model(scheduler_output)
+        finally:
+            self.step_clock.idle_since = time.monotonic()
+
+    @torch.inference_mode()
+    def _execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
             return ModelRunnerOutput()

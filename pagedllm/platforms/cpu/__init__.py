@@ -2,7 +2,7 @@
 paged decode attention reading the KV blocks in place (attention.py), fused
 elementwise ops and the small-batch GEMM (fused.py, linear.py), matmuls on
 GGUF-quantized weights (quantized.py), glibc malloc
-settings (memory.py), and dtype 'auto' measured on this CPU (dtype.py, isa.py)."""
+settings and the KV pool's memory (memory.py), and dtype 'auto' measured on this CPU (dtype.py, isa.py)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,13 @@ class CpuPlatform(Platform):
         from pagedllm.platforms.cpu.linear import pack_bfloat16_weights
 
         pack_bfloat16_weights(model)
+
+    def allocate_kv_cache(self, shape, dtype, num_layers, step_clock):
+        from pagedllm.platforms.cpu.memory import populate_in_background, zeroed_tensor
+
+        tensors = [zeroed_tensor(shape, dtype) for _ in range(num_layers)]
+        populate_in_background(tensors, step_clock)
+        return tensors
 
     def choose_dtype(self, checkpoint_dtype: str | None) -> tuple[str, str]:
         from pagedllm.platforms.cpu.dtype import choose_cpu_dtype
