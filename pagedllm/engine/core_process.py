@@ -6,9 +6,12 @@ GIL with HTTP, JSON, tokenization, detokenization or stop-string matching.
       receiver thread ◀── StepReport (every output of one step, stats) ──┘
 
 Messages are the dataclasses below, pickled over a pair of one-way pipes; they carry
-token ids, never text. The core loop blocks on its pipe while idle; while requests run
-it takes whatever arrived during the last step before each step, so adds and aborts
-wait at most one step. The core process ignores SIGINT (the server decides when it
+token ids, never text. A thread of the core reads its command pipe as commands arrive,
+steps or not: a pipe holds 64 KiB, and while the core ran a long prefill step a burst
+of requests (256 at once) filled it, so the server's event loop blocked in send() until
+the step ended (/metrics answered after 3-4 s). The core loop waits for that thread's
+commands while idle; while requests run it takes whatever arrived during the last step
+before each step, so adds and aborts wait at most one step. The core process ignores SIGINT (the server decides when it
 stops), exits when its pipe closes or the server process dies, and reports a failing
 step before it exits; the server sees its death as EOF on the report pipe at once.
 With -dp N and the ray backend a Ray actor hosts the same run_core and loop instead
@@ -25,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import queue
 import signal
 import threading
 import time
@@ -98,6 +102,9 @@ class StepReport:
 # ---- inside the engine-core process -------------------------------------------------------
 
 
+_SERVER_GONE = object()  # what the command reader queues when the pipe closes
+
+
 class CoreLoop:
     def __init__(self, core: EngineCore, commands: Connection, reports: Connection) -> None:
         self.core = core
@@ -105,6 +112,20 @@ class CoreLoop:
         self.reports = reports
         self.num_steps = 0
         self.fault_step = int(os.environ.get(FAULT_INJECT_ENV) or 0)  # the test hook; 0: off
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._read_commands, name="pagedllm-core-commands", daemon=True).start()
+
+    def _read_commands(self) -> None:
+        """The command pipe -> the inbox, as commands arrive (see the module docstring)."""
+        while True:
+            try:
+                command = self.commands.recv()
+            except (EOFError, OSError):
+                self._inbox.put(_SERVER_GONE)
+                return
+            self._inbox.put(command)
+            if isinstance(command, Shutdown):
+                return
 
     def run(self) -> None:
         while True:
@@ -130,10 +151,16 @@ class CoreLoop:
             self.reports.send(StepReport(outputs, self.core.stats(), started, num_admitted, refused))
 
     def _next_commands(self) -> list:
-        """Block while idle; otherwise take whatever arrived during the last step."""
-        commands = [] if self.core.has_unfinished_requests() else [self.commands.recv()]
-        while self.commands.poll():
-            commands.append(self.commands.recv())
+        """Block while idle; otherwise take whatever arrived during the last step.
+        Raises EOFError once the server is gone."""
+        commands = [] if self.core.has_unfinished_requests() else [self._inbox.get()]
+        while True:
+            try:
+                commands.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        if any(command is _SERVER_GONE for command in commands):
+            raise EOFError
         return commands
 
     def _step(self) -> list[EngineCoreOutput]:
