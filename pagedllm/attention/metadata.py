@@ -8,7 +8,7 @@ slot (block_id * block_size + offset) where token t's K/V is written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ class AttentionMetadata:
     query_lens_np: np.ndarray  # [B]
     seq_lens_np: np.ndarray  # [B]
     block_size: int
+    # What a backend derives from the fields above once per step and reuses in every
+    # layer (the CPU kernels' index arrays, as C pointers), keyed by backend.
+    backend_state: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_requests(self) -> int:

@@ -27,58 +27,82 @@ KV_FORMATS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 PREFILL_MAX_GROUP = 32
 
 
+class StepPlan:
+    """The arguments of the C kernels that are the same in every layer of a step,
+    converted once: the split of the batch into single-token (decode) and multi-token
+    (prompt chunk) requests, their row / length arrays as int64 C pointers, and the
+    block table. Converting them in each layer's call cost more than the
+    decode kernel itself at batch 1 (30 layers x ~40 us of NumPy and ctypes)."""
+
+    def __init__(self, metadata: AttentionMetadata) -> None:
+        query_lens = metadata.query_lens_np
+        self.decodes, self.prompts = np.flatnonzero(query_lens == 1), np.flatnonzero(query_lens > 1)
+        self.block_table = metadata.block_table.contiguous()
+        self.block_table_pointer = pointer(self.block_table)
+        # Kept here, so that the pointers below stay valid for the step.
+        self._arrays = {
+            "decode": [np.ascontiguousarray(a, dtype=np.int64) for a in (
+                metadata.query_start_np[self.decodes], self.decodes, metadata.seq_lens_np[self.decodes])],
+            "prompt": [np.ascontiguousarray(a, dtype=np.int64) for a in (
+                metadata.query_start_np[self.prompts], query_lens[self.prompts], self.prompts,
+                metadata.seq_lens_np[self.prompts])],
+        }
+        self.decode_args = [a.ctypes.data_as(ctypes.c_void_p) for a in self._arrays["decode"]]
+        self.prompt_args = [a.ctypes.data_as(ctypes.c_void_p) for a in self._arrays["prompt"]]
+
+    @staticmethod
+    def of(metadata: AttentionMetadata) -> StepPlan:
+        plan = metadata.backend_state.get("cpu")
+        if plan is None:
+            plan = metadata.backend_state["cpu"] = StepPlan(metadata)
+        return plan
+
+
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """key/value [T, Hkv, D] -> their slots in kv_cache, cast to its dtype (csrc/write_kv.c)."""
     lib = load_kernel_library()
     key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
     dense_rows = all(x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (key, value))
-    if lib is None or not dense_rows or not kv_cache.is_contiguous() or slot_mapping.dtype != torch.int64:
+    if lib is None or not dense_rows or not kv_cache.is_contiguous():
         torch_backend.write_kv(key, value, kv_cache, slot_mapping)
         return
-    slots = slot_mapping.contiguous()
+    slots = slot_mapping.to(torch.int64).contiguous()  # the model runner's is already: no copy
     element = kv_cache.element_size()
     lib.write_kv(pointer(kv_cache), pointer(key), pointer(value), pointer(slots), INT64(key.shape[0]),
                  INT64(key.shape[1] * key.shape[2] * element), INT64(key.stride(0) * element),
                  INT64(value.stride(0) * element), INT64(kv_cache.shape[1] * kv_cache.shape[2]))
 
 
-def decode_attention(output: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                     rows: np.ndarray, table_rows: np.ndarray, seq_lens: np.ndarray, scale: float,
+def decode_attention(output: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, plan: StepPlan, scale: float,
                      sliding_window: int | None, alibi_slopes: torch.Tensor | None,
                      logits_soft_cap: float | None) -> None:
-    """Writes output[rows] for single-token queries. query/output [T, H, D] float32;
-    kv_cache float32, float16 or bfloat16."""
+    """Writes output's rows of the plan's single-token queries. query/output [T, H, D]
+    float32; kv_cache float32, float16 or bfloat16."""
     lib = load_kernel_library()
     num_heads, head_dim = query.shape[1], query.shape[2]
     _, num_blocks, block_size, num_kv_heads, _ = kv_cache.shape
-    rows = np.ascontiguousarray(rows, dtype=np.int64)
-    table_rows = np.ascontiguousarray(table_rows, dtype=np.int64)
-    seq_lens = np.ascontiguousarray(seq_lens, dtype=np.int64)
     slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else None
     status = lib.paged_decode_attention(
-        pointer(output), pointer(query), pointer(kv_cache), INT64(KV_FORMATS[kv_cache.dtype]), pointer(block_table),
-        rows.ctypes.data_as(ctypes.c_void_p), table_rows.ctypes.data_as(ctypes.c_void_p),
-        seq_lens.ctypes.data_as(ctypes.c_void_p), INT64(len(rows)), INT64(num_blocks),
-        INT64(block_table.shape[1]), INT64(block_size), INT64(num_heads), INT64(num_kv_heads),
+        pointer(output), pointer(query), pointer(kv_cache), INT64(KV_FORMATS[kv_cache.dtype]),
+        plan.block_table_pointer, *plan.decode_args, INT64(len(plan.decodes)), INT64(num_blocks),
+        INT64(plan.block_table.shape[1]), INT64(block_size), INT64(num_heads), INT64(num_kv_heads),
         INT64(head_dim), FLOAT(scale), INT64(sliding_window or 0), FLOAT(logits_soft_cap or 0.0),
         pointer(slopes) if slopes is not None else None)
     if status != 0:
         raise MemoryError(f"CPU decode attention: out of memory (or head size {head_dim} not a multiple of 8)")
 
 
-def prefill_attention(output: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                      q_starts: np.ndarray, q_lens: np.ndarray, table_rows: np.ndarray, seq_lens: np.ndarray,
+def prefill_attention(output: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, plan: StepPlan,
                       scale: float) -> None:
-    """Writes output's rows of multi-token queries (prompt chunks), causal over each
-    request's context (csrc/prefill_attention.c). query/output [T, H, D] float32."""
+    """Writes output's rows of the plan's multi-token queries (prompt chunks), causal over
+    each request's context (csrc/prefill_attention.c). query/output [T, H, D] float32."""
     lib = load_kernel_library()
     num_heads, head_dim = query.shape[1], query.shape[2]
     _, num_blocks, block_size, num_kv_heads, _ = kv_cache.shape
-    arrays = [np.ascontiguousarray(a, dtype=np.int64) for a in (q_starts, q_lens, table_rows, seq_lens)]
     status = lib.paged_prefill_attention(
-        pointer(output), pointer(query), pointer(kv_cache), INT64(KV_FORMATS[kv_cache.dtype]), pointer(block_table),
-        *(a.ctypes.data_as(ctypes.c_void_p) for a in arrays), INT64(len(arrays[0])), INT64(num_blocks),
-        INT64(block_table.shape[1]), INT64(block_size), INT64(num_heads), INT64(num_kv_heads), INT64(head_dim),
+        pointer(output), pointer(query), pointer(kv_cache), INT64(KV_FORMATS[kv_cache.dtype]),
+        plan.block_table_pointer, *plan.prompt_args, INT64(len(plan.prompts)), INT64(num_blocks),
+        INT64(plan.block_table.shape[1]), INT64(block_size), INT64(num_heads), INT64(num_kv_heads), INT64(head_dim),
         FLOAT(scale))
     if status != 0:
         raise MemoryError("CPU prefill attention: out of memory")
@@ -93,8 +117,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     if not usable:
         return torch_backend.paged_attention(query, kv_cache, metadata, scale, sliding_window, alibi_slopes,
                                              logits_soft_cap)
-    query_lens = metadata.query_lens_np
-    decodes, prompts = np.flatnonzero(query_lens == 1), np.flatnonzero(query_lens > 1)
+    plan = StepPlan.of(metadata)
     # The prefill kernel has no sliding window, ALiBi or soft-cap, and takes at most
     # PREFILL_MAX_GROUP query heads per KV head; those prompts use the torch reference.
     prefill_in_c = (sliding_window is None and alibi_slopes is None and logits_soft_cap is None
@@ -103,14 +126,12 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     # the context they read) and take dense rows (queries rotated in place are QKV slices).
     query32 = query.float().contiguous()
     output = torch.empty_like(query32)
-    if len(decodes):
-        decode_attention(output, query32, kv_cache, metadata.block_table, metadata.query_start_np[decodes], decodes,
-                         metadata.seq_lens_np[decodes], scale, sliding_window, alibi_slopes, logits_soft_cap)
-    if len(prompts) and prefill_in_c:
-        prefill_attention(output, query32, kv_cache, metadata.block_table, metadata.query_start_np[prompts],
-                          query_lens[prompts], prompts, metadata.seq_lens_np[prompts], scale)
+    if len(plan.decodes):
+        decode_attention(output, query32, kv_cache, plan, scale, sliding_window, alibi_slopes, logits_soft_cap)
+    if len(plan.prompts) and prefill_in_c:
+        prefill_attention(output, query32, kv_cache, plan, scale)
     output = output.to(query.dtype)
-    if len(prompts) and not prefill_in_c:
-        torch_backend.attend_each(output, query, kv_cache, metadata, prompts, scale, sliding_window, alibi_slopes,
-                                  logits_soft_cap)
+    if len(plan.prompts) and not prefill_in_c:
+        torch_backend.attend_each(output, query, kv_cache, metadata, plan.prompts, scale, sliding_window,
+                                  alibi_slopes, logits_soft_cap)
     return output
