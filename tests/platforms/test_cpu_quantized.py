@@ -125,6 +125,16 @@ def test_matmul_equals_float32_on_the_dequantized_weights(fmt, rows):
         _assert_within_int8_rounding(out, x, reference, bias)
 
 
+@pytest.mark.parametrize("fmt", [fmt for fmt in FORMATS if fmt.block_size == 32], ids=lambda fmt: fmt.name)
+def test_one_row_with_an_odd_number_of_blocks(fmt):
+    """A single row runs two blocks at a time: 25 blocks leave one for the tail."""
+    tensor, reference = _quantized(fmt, 37, 800, seed=fmt.ggml_type)
+    x = torch.randn(1, 800, generator=torch.Generator().manual_seed(5))
+    out = KERNELS.linear(x, _weight(tensor))
+    _assert_float32_sums_close(out, _int8_rounded(x)[0], reference, None)
+    _assert_within_int8_rounding(out, x, reference)
+
+
 def _assert_within_int8_rounding(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                  bias: torch.Tensor | None = None, rtol: float = 0.0) -> None:
     """out = x @ weight^T (+ bias) up to x's rounding to int8 per 32 values: |x - dx * xq| <=
