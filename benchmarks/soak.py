@@ -330,7 +330,8 @@ def _soak(args: argparse.Namespace, url: str, pid: int | None, requests: list[So
     scrapes = sorted(took for _, took in outcome.scrapes)
     # A leak keeps growing; the heap's high-water mark (activations kept for reuse, see
     # platforms/cpu/memory.py) is reached once the traffic is at its heaviest and stays.
-    halves = ([rss for at, rss in outcome.rss if at < elapsed / 2], [rss for at, rss in outcome.rss if at >= elapsed / 2])
+    halves = ([rss for at, rss in outcome.rss if at < elapsed / 2],
+              [rss for at, rss in outcome.rss if at >= elapsed / 2])
     # Traffic too short to sample twice: from before the traffic to after it.
     first_half, second_half = (max(halves[0]), max(halves[1])) if all(halves) else (rss_before, rss_after)
     usage = metrics.get("pagedllm:kv_cache_usage_perc", 0.0)

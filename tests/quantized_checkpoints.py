@@ -109,5 +109,6 @@ def write_quantized_checkpoint(source: str, folder: str, quantization_config: di
                     quantized[name] = reference[name] = tensor
     save_file(quantized, os.path.join(folder, "model.safetensors"))
     save_file(reference, os.path.join(reference_folder, "model.safetensors"))
-    edit_json(os.path.join(folder, "config.json"), lambda config: config.update(quantization_config=quantization_config))
+    edit_json(os.path.join(folder, "config.json"),
+              lambda config: config.update(quantization_config=quantization_config))
     return reference_folder

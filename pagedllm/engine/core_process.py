@@ -11,9 +11,10 @@ steps or not: a pipe holds 64 KiB, and while the core ran a long prefill step a 
 of requests (256 at once) filled it, so the server's event loop blocked in send() until
 the step ended (/metrics answered after 3-4 s). The core loop waits for that thread's
 commands while idle; while requests run it takes whatever arrived during the last step
-before each step, so adds and aborts wait at most one step. The core process ignores SIGINT (the server decides when it
-stops), exits when its pipe closes or the server process dies, and reports a failing
-step before it exits; the server sees its death as EOF on the report pipe at once.
+before each step, so adds and aborts wait at most one step. The core process ignores
+SIGINT (the server decides when it stops), exits when its pipe closes or the server
+process dies, and reports a failing step before it exits; the server sees its death
+as EOF on the report pipe at once.
 With -dp N and the ray backend a Ray actor hosts the same run_core and loop instead
 (ray_core.py).
 

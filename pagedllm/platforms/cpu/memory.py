@@ -117,11 +117,11 @@ def _populate(madvise, refs: list[weakref.ref], step_clock: StepClock) -> None:
             tensor = ref()  # held through the call: the mapping cannot go away under it
             if tensor is None:
                 return
-            if madvise(address + offset, min(POPULATE_CHUNK_BYTES, size - offset), MADV_POPULATE_WRITE) != 0:
-                error = ctypes.get_errno()
-                logger.info("the KV pool is faulted in as it is used (madvise: %s)", os.strerror(error))
+            length = min(POPULATE_CHUNK_BYTES, size - offset)
+            if madvise(address + offset, length, MADV_POPULATE_WRITE) != 0:
+                logger.info("the KV pool is faulted in as it is used (madvise: %s)", os.strerror(ctypes.get_errno()))
                 return
             del tensor
-            populated += min(POPULATE_CHUNK_BYTES, size - offset)
+            populated += length
     logger.info("KV pool: %.2f GiB faulted in by a background thread while the model was idle, %.1f s after "
                 "start-up", populated / (1 << 30), time.monotonic() - started)

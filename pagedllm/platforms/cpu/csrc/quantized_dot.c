@@ -104,6 +104,16 @@ static inline __m256i signed_activations(const uint8_t *blk, int64_t type, const
     return type == Q8_0 ? _mm256_sign_epi8(x, _mm256_loadu_si256((const __m256i *)(blk + 2))) : x;
 }
 
+/* acc + one block pair's integer dot product scaled by d * dx; *offset += m * dx_sum. */
+static inline __attribute__((always_inline)) __m256 add_block(__m256 acc, float *offset, const uint8_t *blk,
+                                                              const int64_t type, const int8_t *xq, float dx,
+                                                              float dx_sum) {
+    const float d = half_at(blk);
+    const __m256i dot = dot_u8_s8(weight_bytes(blk, type), signed_activations(blk, type, xq));
+    *offset += block_offset(blk, type, d) * dx_sum;
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * dx), acc);
+}
+
 /* One weight row against n <= X_ROWS quantized activation rows (row i at xq + i * in,
  * its per-block scales at dx + i * num_blocks) -> out[0..n). Inlined into row_dots once
  * per block type, so that the type's switches fold away: with them in the loop a block
@@ -118,23 +128,11 @@ static inline __attribute__((always_inline)) void row_dots_of(float *out, const 
         float offset0 = 0.0f, offset1 = 0.0f;
         int64_t b = 0;
         for (; b + 1 < num_blocks; b += 2) {
-            const uint8_t *blk0 = row + b * bytes, *blk1 = blk0 + bytes;
-            const float d0 = half_at(blk0), d1 = half_at(blk1);
-            const __m256i dot0 = dot_u8_s8(weight_bytes(blk0, type), signed_activations(blk0, type, xq + b * BLOCK));
-            const __m256i dot1 = dot_u8_s8(weight_bytes(blk1, type),
-                                           signed_activations(blk1, type, xq + (b + 1) * BLOCK));
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot0), _mm256_set1_ps(d0 * dx[b]), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot1), _mm256_set1_ps(d1 * dx[b + 1]), acc1);
-            offset0 += block_offset(blk0, type, d0) * dx_sum[b];
-            offset1 += block_offset(blk1, type, d1) * dx_sum[b + 1];
+            acc0 = add_block(acc0, &offset0, row + b * bytes, type, xq + b * BLOCK, dx[b], dx_sum[b]);
+            acc1 = add_block(acc1, &offset1, row + (b + 1) * bytes, type, xq + (b + 1) * BLOCK, dx[b + 1],
+                             dx_sum[b + 1]);
         }
-        for (; b < num_blocks; ++b) {
-            const uint8_t *blk = row + b * bytes;
-            const float d = half_at(blk);
-            const __m256i dot = dot_u8_s8(weight_bytes(blk, type), signed_activations(blk, type, xq + b * BLOCK));
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * dx[b]), acc0);
-            offset0 += block_offset(blk, type, d) * dx_sum[b];
-        }
+        if (b < num_blocks) acc0 = add_block(acc0, &offset0, row + b * bytes, type, xq + b * BLOCK, dx[b], dx_sum[b]);
         out[0] = hsum(_mm256_add_ps(acc0, acc1)) + (offset0 + offset1);
         return;
     }
