@@ -3,6 +3,7 @@ the one validated request type that the offline LLM and the server both hand it.
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -69,6 +70,12 @@ class EngineCore:
         self.vocab_size = config.model.hf_config.vocab_size
         self.scheduler = Scheduler(kv_cache_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens, config.model.max_model_len)
+        # What exists now lives as long as the engine (imported modules, the model, one
+        # Block per KV block): ~222 000 objects that each of Python's full collections
+        # walked, a 150 ms pause of every running request (bfloat16 SmolLM2, 4 GiB of
+        # KV). Frozen, they are left out: a full collection then takes 0.1 ms.
+        gc.collect()
+        gc.freeze()
 
     def _init_kv_cache(self, config: EngineConfig) -> None:
         block_size = config.cache.block_size

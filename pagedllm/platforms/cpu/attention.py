@@ -73,9 +73,10 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
 
 def decode_attention(output: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, plan: StepPlan, scale: float,
                      sliding_window: int | None, alibi_slopes: torch.Tensor | None,
-                     logits_soft_cap: float | None) -> None:
+                     logits_soft_cap: float | None, bf16_queries: bool = False) -> None:
     """Writes output's rows of the plan's single-token queries. query/output [T, H, D]
-    float32; kv_cache float32, float16 or bfloat16."""
+    float32; kv_cache float32, float16 or bfloat16. bf16_queries: query holds bfloat16
+    values (a bfloat16 model), which lets a bfloat16 cache use AVX512-BF16 dot products."""
     lib = load_kernel_library()
     num_heads, head_dim = query.shape[1], query.shape[2]
     _, num_blocks, block_size, num_kv_heads, _ = kv_cache.shape
@@ -85,7 +86,7 @@ def decode_attention(output: torch.Tensor, query: torch.Tensor, kv_cache: torch.
         plan.block_table_pointer, *plan.decode_args, INT64(len(plan.decodes)), INT64(num_blocks),
         INT64(plan.block_table.shape[1]), INT64(block_size), INT64(num_heads), INT64(num_kv_heads),
         INT64(head_dim), FLOAT(scale), INT64(sliding_window or 0), FLOAT(logits_soft_cap or 0.0),
-        pointer(slopes) if slopes is not None else None)
+        pointer(slopes) if slopes is not None else None, INT64(bf16_queries))
     if status != 0:
         raise MemoryError(f"CPU decode attention: out of memory (or head size {head_dim} not a multiple of 8)")
 
@@ -125,7 +126,8 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     query32 = query.float().contiguous()
     output = torch.empty_like(query32)
     if len(plan.decodes):
-        decode_attention(output, query32, kv_cache, plan, scale, sliding_window, alibi_slopes, logits_soft_cap)
+        decode_attention(output, query32, kv_cache, plan, scale, sliding_window, alibi_slopes, logits_soft_cap,
+                         bf16_queries=query.dtype == torch.bfloat16)
     if len(plan.prompts) and prefill_in_c:
         prefill_attention(output, query32, kv_cache, plan, scale)
     output = output.to(query.dtype)
