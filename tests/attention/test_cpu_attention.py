@@ -126,30 +126,38 @@ def test_avx2_build_matches_avx512(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64" or "avx512_bf16" not in open("/proc/cpuinfo").read(),
-                    reason="compares the AVX512-BF16 decode loops with the widening ones")
-@pytest.mark.parametrize("case_name", ["mixed_gqa", "decode_dim128_stages", "prefill_group8_chunks"])
-def test_bfloat16_dot_products_match_widened_keys(tmp_path, monkeypatch, case_name):
-    """A bfloat16 model over a bfloat16 cache multiplies q . k as bfloat16 pairs where
-    the CPU has AVX512-BF16: its float32 outputs must equal, up to summation order, the
-    build without it, which widens every key to float32 (both multiply exact bfloat16
-    values). Head sizes 32, 128 and 64 with 2, 4 and 8 query heads per KV head."""
-    source = os.path.join(os.path.dirname(cpu_backend.__file__), "csrc", "decode_attention.c")
+                    reason="compares the AVX512-BF16 attention loops with the widening ones")
+@pytest.mark.parametrize("case_name", ["mixed_gqa", "mha_long_prompt", "decode_dim128_stages", "prefill_group8_chunks"])
+def test_bfloat16_dot_products_match_widened_floats(tmp_path, monkeypatch, case_name):
+    """A bfloat16 model over a bfloat16 cache multiplies bfloat16 pairs where the CPU
+    has AVX512-BF16; the build without it widens every element to float32. Decode: both
+    multiply the same exact values, so the float32 outputs agree up to summation order.
+    Prefill also rounds the softmax weights to bfloat16 for P.V (2^-9 relative each), so
+    agreement is to bfloat16's precision. Head sizes 32, 128 and 64; 1, 2, 4 and 8 query
+    heads per KV head; prompts of 1-100 tokens over several query tiles."""
+    sources = [os.path.join(os.path.dirname(cpu_backend.__file__), "csrc", name)
+               for name in ("decode_attention.c", "prefill_attention.c")]
     built = str(tmp_path / "widening.so")
-    assert cpu_kernels.build_library(os.environ.get("CC") or "cc", [source], built, ["-mno-avx512bf16"]) is None
+    assert cpu_kernels.build_library(os.environ.get("CC") or "cc", sources, built, ["-mno-avx512bf16"]) is None
     widening = ctypes.CDLL(built)
-    widening.paged_decode_attention.restype = ctypes.c_int
+    widening.paged_decode_attention.restype = widening.paged_prefill_attention.restype = ctypes.c_int
 
     case = CASES[case_name]
     batch = make_batch(case, torch.bfloat16)
     torch_backend.write_kv(batch.new_key, batch.new_value, batch.kv_cache, batch.metadata.slot_mapping)
     plan = cpu_backend.StepPlan(batch.metadata)
-    query = batch.query.float()
+    query, scale = batch.query.float(), 1 / math.sqrt(case.head_dim)
+    decodes = torch.tensor(batch.metadata.query_start_np[plan.decodes], dtype=torch.long)
     outputs = []
     for library in (cpu_kernels.load_kernel_library(), widening):
         monkeypatch.setattr(cpu_backend, "load_kernel_library", lambda library=library: library)
         output = torch.zeros_like(query)
-        cpu_backend.decode_attention(output, query, batch.kv_cache, plan, 1 / math.sqrt(case.head_dim), None, None,
-                                     None, bf16_queries=True)
-        outputs.append(output[plan.decodes])
+        if len(plan.decodes):
+            cpu_backend.decode_attention(output, query, batch.kv_cache, plan, scale, None, None, None,
+                                         bf16_queries=True)
+        if len(plan.prompts):
+            cpu_backend.prefill_attention(output, query, batch.kv_cache, plan, scale, bf16_queries=True)
+        outputs.append(output)
     assert outputs[0].abs().max() > 0
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outputs[0][decodes], outputs[1][decodes], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=8e-3, atol=8e-3)

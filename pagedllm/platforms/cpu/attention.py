@@ -92,9 +92,10 @@ def decode_attention(output: torch.Tensor, query: torch.Tensor, kv_cache: torch.
 
 
 def prefill_attention(output: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, plan: StepPlan,
-                      scale: float) -> None:
+                      scale: float, bf16_queries: bool = False) -> None:
     """Writes output's rows of the plan's multi-token queries (prompt chunks), causal over
-    each request's context (csrc/prefill_attention.c). query/output [T, H, D] float32."""
+    each request's context (csrc/prefill_attention.c). query/output [T, H, D] float32;
+    bf16_queries as for decode_attention."""
     lib = load_kernel_library()
     num_heads, head_dim = query.shape[1], query.shape[2]
     _, num_blocks, block_size, num_kv_heads, _ = kv_cache.shape
@@ -102,7 +103,7 @@ def prefill_attention(output: torch.Tensor, query: torch.Tensor, kv_cache: torch
         pointer(output), pointer(query), pointer(kv_cache), INT64(KV_FORMATS[kv_cache.dtype]),
         plan.block_table_pointer, *plan.prompt_args, INT64(len(plan.prompts)), INT64(num_blocks),
         INT64(plan.block_table.shape[1]), INT64(block_size), INT64(num_heads), INT64(num_kv_heads), INT64(head_dim),
-        FLOAT(scale))
+        FLOAT(scale), INT64(bf16_queries))
     if status != 0:
         raise MemoryError("CPU prefill attention: out of memory")
 
@@ -129,7 +130,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
         decode_attention(output, query32, kv_cache, plan, scale, sliding_window, alibi_slopes, logits_soft_cap,
                          bf16_queries=query.dtype == torch.bfloat16)
     if len(plan.prompts) and prefill_in_c:
-        prefill_attention(output, query32, kv_cache, plan, scale)
+        prefill_attention(output, query32, kv_cache, plan, scale, bf16_queries=query.dtype == torch.bfloat16)
     output = output.to(query.dtype)
     if len(plan.prompts) and not prefill_in_c:
         torch_backend.attend_each(output, query, kv_cache, metadata, plan.prompts, scale, sliding_window,

@@ -40,13 +40,6 @@
 
 #include "kv_elements.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
-#include <immintrin.h>
-#define HAVE_BF16_DOTS 1
-#else
-#define HAVE_BF16_DOTS 0
-#endif
-
 #define STAGE_BYTES (96 * 1024) /* blocks touched ahead per thread: well inside a 512 KiB L2 */
 
 static inline float sum8(vec8 v) {

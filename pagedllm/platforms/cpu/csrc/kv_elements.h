@@ -10,6 +10,14 @@
 #include <immintrin.h>
 #endif
 
+/* AVX512-BF16's vdpbf16ps: the attention kernels' loops for a bfloat16 model over a
+ * bfloat16 cache multiply bfloat16 pairs instead of widening them. */
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+#define HAVE_BF16_DOTS 1
+#else
+#define HAVE_BF16_DOTS 0
+#endif
+
 typedef float vec8 __attribute__((vector_size(32)));
 
 static inline vec8 load8(const float *p) {

@@ -181,14 +181,158 @@ static void attend_tile(float *restrict out, const float *restrict query, const 
     }
 }
 
-/* Returns 0, or -1 when head_dim is not a multiple of 8, a KV group has more than
+#if HAVE_BF16_DOTS
+/* The bits of x rounded to bfloat16 (to nearest even). */
+static inline uint32_t bf16_bits(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return (u + 0x7fffu + (u >> 16 & 1u)) >> 16;
+}
+
+/* Sixteen lanes of two weight vectors as bfloat16 pairs (w0[l], w1[l]); *rounded0 and
+ * *rounded1 get the weights as rounded. */
+static inline __m512i weight_pairs(vec16 w0, vec16 w1, vec16 *rounded0, vec16 *rounded1) {
+    const __m512i b0 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)w0));
+    const __m512i b1 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)w1));
+    *rounded0 = (vec16)_mm512_slli_epi32(b0, 16), *rounded1 = (vec16)_mm512_slli_epi32(b1, 16);
+    return _mm512_or_si512(b0, _mm512_slli_epi32(b1, 16));
+}
+
+/* attend_tile for a bfloat16 model over a bfloat16 cache, head_dim a multiple of
+ * 32, on a CPU with AVX512-BF16: both products by vdpbf16ps, which multiplies two
+ * dims of 16 lanes (pairs of bfloat16, summed in float32) per instruction.
+ *   scores: the queries are held as pairs QP[d/2][lane] = (q[d], q[d+1]) and a
+ *     key's pair (k[d], k[d+1]) is broadcast straight from the cache (never widened);
+ *   values: the weights are rounded to bfloat16 pairs PP[j/2][lane] = (p[j], p[j+1]),
+ *     as flash attention rounds P for its P.V product (the running sum adds the
+ *     rounded weights, so they still sum to one), against value pairs
+ *     VP[j/2][d] = (v_j[d], v_j+1[d]) interleaved once per chunk.
+ * Same work item and scratch as attend_tile. */
+static void attend_tile_bf16(float *restrict out, const float *restrict query, const uint16_t *restrict key_cache,
+                             const uint16_t *restrict value_cache, const int32_t *restrict table,
+                             int64_t first_row, int64_t first_position, int64_t num_tokens, int64_t kv_head,
+                             int64_t group, int64_t num_heads, int64_t head_dim, int64_t block_size,
+                             int64_t block_stride, int64_t token_stride, float scale, float *restrict scratch) {
+    const int64_t num_lanes = num_tokens * group; /* lane = token * group + head in group */
+    uint32_t *qp = (uint32_t *)scratch;                     /* [head_dim / 2][LANES] */
+    float *ot = scratch + head_dim * LANES;                 /* [head_dim][LANES] */
+    uint32_t *vp = (uint32_t *)(ot + head_dim * LANES);     /* [KEYS / 2][head_dim], see below */
+    uint32_t *pp = vp + KEYS / 2 * head_dim;                /* [KEYS / 2][LANES] */
+    for (int64_t lane = 0; lane < LANES; ++lane) {
+        const float *q = query + ((first_row + lane / group) * num_heads + kv_head * group + lane % group) * head_dim;
+        for (int64_t d = 0; d < head_dim; d += 2)
+            qp[d / 2 * LANES + lane] = lane < num_lanes ? bf16_bits(q[d]) | bf16_bits(q[d + 1]) << 16 : 0;
+        for (int64_t d = 0; d < head_dim; ++d) ot[d * LANES + lane] = 0.0f;
+    }
+    float position_of[LANES];
+    for (int64_t lane = 0; lane < LANES; ++lane)
+        position_of[lane] = lane < num_lanes ? (float)(first_position + lane / group) : 1e9f;
+    vec16 positions[NV], running_max[NV], running_sum[NV];
+    for (int v = 0; v < NV; ++v)
+        positions[v] = load16(position_of + 16 * v), running_max[v] = splat16(NO_SCORE), running_sum[v] = splat16(0);
+
+    const int64_t last_key = first_position + num_tokens - 1;
+    for (int64_t chunk = 0; chunk <= last_key; chunk += KEYS) {
+        const int64_t num_keys = last_key + 1 - chunk < KEYS ? last_key + 1 - chunk : KEYS;
+        const uint16_t *key_row[KEYS], *value_row[KEYS]; /* keys past num_keys repeat the first: loads stay valid */
+        for (int64_t j = 0; j < KEYS; ++j) {
+            const int64_t key = chunk + (j < num_keys ? j : 0);
+            const int64_t offset = table[key / block_size] * block_stride + key % block_size * token_stride
+                                   + kv_head * head_dim;
+            key_row[j] = key_cache + offset, value_row[j] = value_cache + offset;
+        }
+        /* Scores, eight keys at a time: 8 x NV accumulators. */
+        vec16 scores[KEYS][NV];
+        for (int64_t g = 0; g < num_keys; g += 8) {
+            __m512 acc[8][NV];
+            for (int k = 0; k < 8; ++k)
+                for (int v = 0; v < NV; ++v) acc[k][v] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < head_dim; d += 2) {
+                __m512bh q[NV];
+                for (int v = 0; v < NV; ++v) q[v] = (__m512bh)_mm512_loadu_si512(qp + d / 2 * LANES + 16 * v);
+                for (int k = 0; k < 8; ++k) {
+                    uint32_t pair;
+                    memcpy(&pair, key_row[g + k] + d, sizeof pair);
+                    const __m512bh kd = (__m512bh)_mm512_set1_epi32((int)pair);
+                    for (int v = 0; v < NV; ++v) acc[k][v] = _mm512_dpbf16_ps(acc[k][v], q[v], kd);
+                }
+            }
+            for (int k = 0; k < 8; ++k)
+                for (int v = 0; v < NV; ++v) scores[g + k][v] = (vec16)acc[k][v] * scale;
+        }
+        /* Value pairs: per 32 dims, unpacking rows j and j + 1 leaves, in each 128-bit
+         * lane c, the pairs of dims 8c..8c+3 (first 16 entries) and 8c+4..8c+7 (last 16). */
+        const int64_t num_pairs = (num_keys + 1) / 2;
+        for (int64_t jp = 0; jp < num_pairs; ++jp)
+            for (int64_t d = 0; d < head_dim; d += 32) {
+                const __m512i a = _mm512_loadu_si512(value_row[2 * jp] + d);
+                const __m512i b = 2 * jp + 1 < num_keys ? _mm512_loadu_si512(value_row[2 * jp + 1] + d)
+                                                        : _mm512_setzero_si512();
+                _mm512_storeu_si512(vp + jp * head_dim + d, _mm512_unpacklo_epi16(a, b));
+                _mm512_storeu_si512(vp + jp * head_dim + d + 16, _mm512_unpackhi_epi16(a, b));
+            }
+        /* Causal mask, online softmax; the weights go out as bfloat16 pairs. */
+        const int masked = chunk + num_keys - 1 > first_position;
+        for (int v = 0; v < NV; ++v) {
+            vec16 chunk_max = running_max[v];
+            for (int64_t j = 0; j < num_keys; ++j) {
+                if (masked)
+                    scores[j][v] = select16(splat16((float)(chunk + j)) > positions[v], splat16(NO_SCORE),
+                                            scores[j][v]);
+                chunk_max = max16(chunk_max, scores[j][v]);
+            }
+            const vec16 correction = exp16(running_max[v] - chunk_max);
+            vec16 sum = running_sum[v] * correction;
+            for (int64_t jp = 0; jp < num_pairs; ++jp) {
+                const vec16 w0 = exp16(scores[2 * jp][v] - chunk_max);
+                const vec16 w1 = 2 * jp + 1 < num_keys ? exp16(scores[2 * jp + 1][v] - chunk_max) : splat16(0);
+                vec16 r0, r1;
+                _mm512_storeu_si512(pp + jp * LANES + 16 * v, weight_pairs(w0, w1, &r0, &r1));
+                sum += r0 + r1;
+            }
+            running_max[v] = chunk_max, running_sum[v] = sum;
+            for (int64_t d = 0; d < head_dim; ++d)
+                store16(ot + d * LANES + 16 * v, load16(ot + d * LANES + 16 * v) * correction);
+        }
+        /* Weighted values, eight dims at a time: each value pair broadcast against PP's vectors. */
+        for (int64_t d = 0; d < head_dim; d += 8) {
+            __m512 acc[8][NV];
+            for (int e = 0; e < 8; ++e)
+                for (int v = 0; v < NV; ++v) acc[e][v] = _mm512_loadu_ps(ot + (d + e) * LANES + 16 * v);
+            /* where dims d..d+7 sit among their 32-dim group's pairs (see above) */
+            const int64_t group_start = d - d % 32, c = d % 32 / 8;
+            for (int64_t jp = 0; jp < num_pairs; ++jp) {
+                __m512bh w[NV];
+                for (int v = 0; v < NV; ++v) w[v] = (__m512bh)_mm512_loadu_si512(pp + jp * LANES + 16 * v);
+                const uint32_t *pairs = vp + jp * head_dim + group_start + 4 * c;
+                for (int e = 0; e < 8; ++e) {
+                    const __m512bh vd = (__m512bh)_mm512_set1_epi32((int)pairs[e < 4 ? e : 16 + e - 4]);
+                    for (int v = 0; v < NV; ++v) acc[e][v] = _mm512_dpbf16_ps(acc[e][v], w[v], vd);
+                }
+            }
+            for (int e = 0; e < 8; ++e)
+                for (int v = 0; v < NV; ++v) _mm512_storeu_ps(ot + (d + e) * LANES + 16 * v, acc[e][v]);
+        }
+    }
+    float inverse[LANES];
+    for (int v = 0; v < NV; ++v) store16(inverse + 16 * v, 1.0f / running_sum[v]);
+    for (int64_t lane = 0; lane < num_lanes; ++lane) {
+        const int64_t row = (first_row + lane / group) * num_heads + kv_head * group + lane % group;
+        for (int64_t d = 0; d < head_dim; ++d) out[row * head_dim + d] = ot[d * LANES + lane] * inverse[lane];
+    }
+}
+#endif
+
+/* bf16_queries: nonzero when the float32 queries hold bfloat16 values (a bfloat16
+ * model), which with a bfloat16 cache selects attend_tile_bf16 where the CPU has it.
+ * Returns 0, or -1 when head_dim is not a multiple of 8, a KV group has more than
  * LANES query heads (the caller checks both first) or memory cannot be allocated. */
 int paged_prefill_attention(float *restrict out, const float *restrict query, const void *restrict kv_cache,
                             int64_t kv_format, const int32_t *restrict block_table, const int64_t *restrict q_starts,
                             const int64_t *restrict q_lens, const int64_t *restrict table_rows,
                             const int64_t *restrict seq_lens, int64_t num_requests, int64_t num_blocks,
                             int64_t max_blocks, int64_t block_size, int64_t num_heads, int64_t num_kv_heads,
-                            int64_t head_dim, float scale) {
+                            int64_t head_dim, float scale, int64_t bf16_queries) {
     const int64_t group = num_heads / num_kv_heads;
     if (head_dim % 8 || group > LANES) return -1;
     const int64_t tile_tokens = LANES / group;
@@ -218,6 +362,14 @@ int paged_prefill_attention(float *restrict out, const float *restrict query, co
             const int64_t tile = item / num_kv_heads, kv_head = item % num_kv_heads, r = tile_request[tile];
             const int64_t first = tile_first[tile];
             const int64_t num_tokens = q_lens[r] - first < tile_tokens ? q_lens[r] - first : tile_tokens;
+#if HAVE_BF16_DOTS
+            if (kv_format == KV_BFLOAT16 && head_dim % 32 == 0 && bf16_queries) {
+                attend_tile_bf16(out, query, kv_cache, value_cache, block_table + table_rows[r] * max_blocks,
+                                 q_starts[r] + first, seq_lens[r] - q_lens[r] + first, num_tokens, kv_head, group,
+                                 num_heads, head_dim, block_size, block_stride, token_stride, scale, scratch);
+                continue;
+            }
+#endif
             attend_tile(out, query, kv_cache, value_cache, block_table + table_rows[r] * max_blocks,
                         q_starts[r] + first, seq_lens[r] - q_lens[r] + first, num_tokens, kv_head, group, num_heads,
                         head_dim, block_size, block_stride, token_stride, scale, scratch, (int)kv_format);
