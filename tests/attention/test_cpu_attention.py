@@ -75,17 +75,24 @@ def test_write_kv_from_qkv_slices_matches_torch(num_tokens, kv_dtype):
     assert caches[0].isnan().sum() == 2 * (num_blocks * block_size - num_tokens) * num_kv_heads * head_dim
 
 
+def build_attention_kernels(tmp_path, flags: list[str]) -> ctypes.CDLL:
+    """The decode and prefill kernels built with extra compiler flags (another ISA's build)."""
+    sources = [os.path.join(os.path.dirname(cpu_backend.__file__), "csrc", name)
+               for name in ("decode_attention.c", "prefill_attention.c")]
+    built = str(tmp_path / "kernels.so")
+    assert cpu_kernels.build_library(os.environ.get("CC") or "cc", sources, built, flags) is None
+    library = ctypes.CDLL(built)
+    library.paged_decode_attention.restype = library.paged_prefill_attention.restype = ctypes.c_int
+    return library
+
+
 @pytest.mark.skipif(platform.machine() != "x86_64" or "f16c" not in open("/proc/cpuinfo").read(),
                     reason="compares the F16C conversion with the portable one")
 def test_portable_float16_conversion_matches_f16c(tmp_path, monkeypatch):
     """Compilers without F16C take the integer float16 -> float32 conversion:
     the same kernel built with -mno-f16c must agree, with normal keys and values
     that are mostly subnormal halves (flushing them would zero the output)."""
-    source = os.path.join(os.path.dirname(cpu_backend.__file__), "csrc", "decode_attention.c")
-    built = str(tmp_path / "portable.so")
-    assert cpu_kernels.build_library(os.environ.get("CC") or "cc", [source], built, ["-mno-f16c"]) is None
-    portable = ctypes.CDLL(built)
-    portable.paged_decode_attention.restype = ctypes.c_int
+    portable = build_attention_kernels(tmp_path, ["-mno-f16c"])
 
     case = CASES["decode_group3_dim80"]  # decodes only: every row goes through the kernel
     batch = make_batch(case, kv_dtype=torch.float16, fill=0.0)
@@ -108,12 +115,7 @@ def test_portable_float16_conversion_matches_f16c(tmp_path, monkeypatch):
 def test_avx2_build_matches_avx512(tmp_path, monkeypatch):
     """CPUs without AVX-512 get the 16-float vectors as pairs of 8: the same kernels
     built with -mno-avx512f must agree with this CPU's build."""
-    sources = [os.path.join(os.path.dirname(cpu_backend.__file__), "csrc", name)
-               for name in ("decode_attention.c", "prefill_attention.c")]
-    built = str(tmp_path / "avx2.so")
-    assert cpu_kernels.build_library(os.environ.get("CC") or "cc", sources, built, ["-mno-avx512f"]) is None
-    avx2 = ctypes.CDLL(built)
-    avx2.paged_decode_attention.restype = avx2.paged_prefill_attention.restype = ctypes.c_int
+    avx2 = build_attention_kernels(tmp_path, ["-mno-avx512f"])
 
     case = CASES["prefill_group8_chunks"]
     batch = make_batch(case, kv_dtype=torch.bfloat16)
@@ -135,12 +137,7 @@ def test_bfloat16_dot_products_match_widened_floats(tmp_path, monkeypatch, case_
     Prefill also rounds the softmax weights to bfloat16 for P.V (2^-9 relative each), so
     agreement is to bfloat16's precision. Head sizes 32, 128 and 64; 1, 2, 4 and 8 query
     heads per KV head; prompts of 1-100 tokens over several query tiles."""
-    sources = [os.path.join(os.path.dirname(cpu_backend.__file__), "csrc", name)
-               for name in ("decode_attention.c", "prefill_attention.c")]
-    built = str(tmp_path / "widening.so")
-    assert cpu_kernels.build_library(os.environ.get("CC") or "cc", sources, built, ["-mno-avx512bf16"]) is None
-    widening = ctypes.CDLL(built)
-    widening.paged_decode_attention.restype = widening.paged_prefill_attention.restype = ctypes.c_int
+    widening = build_attention_kernels(tmp_path, ["-mno-avx512bf16"])
 
     case = CASES[case_name]
     batch = make_batch(case, torch.bfloat16)

@@ -84,6 +84,43 @@ static inline void row_to_float(float *dst, const void *row, int64_t head_dim, i
     for (int64_t d = 0; d < head_dim; d += 8) store8(dst + d, load_kv8(kv_at(row, d, format), format));
 }
 
+/* A tile's running softmax state per lane vector: each lane's position (lanes past
+ * the tile attend everything; their output is dropped), max and sum. */
+static inline void start_tile(vec16 *positions, vec16 *running_max, vec16 *running_sum, int64_t num_lanes,
+                              int64_t first_position, int64_t group) {
+    float position_of[LANES];
+    for (int64_t lane = 0; lane < LANES; ++lane)
+        position_of[lane] = lane < num_lanes ? (float)(first_position + lane / group) : 1e9f;
+    for (int v = 0; v < NV; ++v)
+        positions[v] = load16(position_of + 16 * v), running_max[v] = splat16(NO_SCORE), running_sum[v] = splat16(0);
+}
+
+/* The causal mask over one lane vector's scores of a chunk (only chunks reaching past
+ * the tile's first token need it), in place; returns the new running max. */
+static inline vec16 mask_and_max(vec16 scores[KEYS][NV], int v, int64_t num_keys, int64_t chunk,
+                                 int64_t first_position, vec16 positions, vec16 running_max) {
+    const int masked = chunk + num_keys - 1 > first_position;
+    vec16 chunk_max = running_max;
+    for (int64_t j = 0; j < num_keys; ++j) {
+        if (masked)
+            scores[j][v] = select16(splat16((float)(chunk + j)) > positions, splat16(NO_SCORE), scores[j][v]);
+        chunk_max = max16(chunk_max, scores[j][v]);
+    }
+    return chunk_max;
+}
+
+/* Output rows of the tile's lanes: OT [head_dim][LANES] divided by each lane's sum. */
+static inline void finish_tile(float *restrict out, const float *restrict ot, const vec16 *running_sum,
+                               int64_t num_lanes, int64_t first_row, int64_t num_heads, int64_t kv_head,
+                               int64_t group, int64_t head_dim) {
+    float inverse[LANES];
+    for (int v = 0; v < NV; ++v) store16(inverse + 16 * v, 1.0f / running_sum[v]);
+    for (int64_t lane = 0; lane < num_lanes; ++lane) {
+        const int64_t row = (first_row + lane / group) * num_heads + kv_head * group + lane % group;
+        for (int64_t d = 0; d < head_dim; ++d) out[row * head_dim + d] = ot[d * LANES + lane] * inverse[lane];
+    }
+}
+
 /* One work item. scratch: head_dim * LANES * 2 (QT, OT) + 2 * KEYS * head_dim (K, V)
  * + KEYS * LANES (P) floats. */
 static void attend_tile(float *restrict out, const float *restrict query, const void *restrict key_cache,
@@ -100,13 +137,8 @@ static void attend_tile(float *restrict out, const float *restrict query, const 
             qt[d * LANES + lane] = lane < num_lanes ? query[row * head_dim + d] * scale : 0.0f;
             ot[d * LANES + lane] = 0.0f;
         }
-    /* Each lane's position; lanes past the tile attend everything (their output is dropped). */
-    float position_of[LANES];
-    for (int64_t lane = 0; lane < LANES; ++lane)
-        position_of[lane] = lane < num_lanes ? (float)(first_position + lane / group) : 1e9f;
     vec16 positions[NV], running_max[NV], running_sum[NV];
-    for (int v = 0; v < NV; ++v)
-        positions[v] = load16(position_of + 16 * v), running_max[v] = splat16(NO_SCORE), running_sum[v] = splat16(0);
+    start_tile(positions, running_max, running_sum, num_lanes, first_position, group);
 
     const int64_t last_key = first_position + num_tokens - 1;
     for (int64_t chunk = 0; chunk <= last_key; chunk += KEYS) {
@@ -136,16 +168,10 @@ static void attend_tile(float *restrict out, const float *restrict query, const 
                 if (pair) scores[j + 1][v] = a1[v];
             }
         }
-        /* Causal mask (only chunks reaching past the tile's first token need it), online softmax. */
-        const int masked = chunk + num_keys - 1 > first_position;
+        /* Causal mask, online softmax. */
         for (int v = 0; v < NV; ++v) {
-            vec16 chunk_max = running_max[v];
-            for (int64_t j = 0; j < num_keys; ++j) {
-                if (masked)
-                    scores[j][v] = select16(splat16((float)(chunk + j)) > positions[v], splat16(NO_SCORE),
-                                            scores[j][v]);
-                chunk_max = max16(chunk_max, scores[j][v]);
-            }
+            const vec16 chunk_max = mask_and_max(scores, v, num_keys, chunk, first_position, positions[v],
+                                                 running_max[v]);
             const vec16 correction = exp16(running_max[v] - chunk_max);
             vec16 sum = running_sum[v] * correction;
             for (int64_t j = 0; j < num_keys; ++j) {
@@ -173,12 +199,7 @@ static void attend_tile(float *restrict out, const float *restrict query, const 
                 for (int v = 0; v < NV; ++v) store16(ot + (d + e) * LANES + 16 * v, acc[e][v]);
         }
     }
-    float inverse[LANES];
-    for (int v = 0; v < NV; ++v) store16(inverse + 16 * v, 1.0f / running_sum[v]);
-    for (int64_t lane = 0; lane < num_lanes; ++lane) {
-        const int64_t row = (first_row + lane / group) * num_heads + kv_head * group + lane % group;
-        for (int64_t d = 0; d < head_dim; ++d) out[row * head_dim + d] = ot[d * LANES + lane] * inverse[lane];
-    }
+    finish_tile(out, ot, running_sum, num_lanes, first_row, num_heads, kv_head, group, head_dim);
 }
 
 #if HAVE_BF16_DOTS
@@ -224,12 +245,8 @@ static void attend_tile_bf16(float *restrict out, const float *restrict query, c
             qp[d / 2 * LANES + lane] = lane < num_lanes ? bf16_bits(q[d]) | bf16_bits(q[d + 1]) << 16 : 0;
         for (int64_t d = 0; d < head_dim; ++d) ot[d * LANES + lane] = 0.0f;
     }
-    float position_of[LANES];
-    for (int64_t lane = 0; lane < LANES; ++lane)
-        position_of[lane] = lane < num_lanes ? (float)(first_position + lane / group) : 1e9f;
     vec16 positions[NV], running_max[NV], running_sum[NV];
-    for (int v = 0; v < NV; ++v)
-        positions[v] = load16(position_of + 16 * v), running_max[v] = splat16(NO_SCORE), running_sum[v] = splat16(0);
+    start_tile(positions, running_max, running_sum, num_lanes, first_position, group);
 
     const int64_t last_key = first_position + num_tokens - 1;
     for (int64_t chunk = 0; chunk <= last_key; chunk += KEYS) {
@@ -272,15 +289,9 @@ static void attend_tile_bf16(float *restrict out, const float *restrict query, c
                 _mm512_storeu_si512(vp + jp * head_dim + d + 16, _mm512_unpackhi_epi16(a, b));
             }
         /* Causal mask, online softmax; the weights go out as bfloat16 pairs. */
-        const int masked = chunk + num_keys - 1 > first_position;
         for (int v = 0; v < NV; ++v) {
-            vec16 chunk_max = running_max[v];
-            for (int64_t j = 0; j < num_keys; ++j) {
-                if (masked)
-                    scores[j][v] = select16(splat16((float)(chunk + j)) > positions[v], splat16(NO_SCORE),
-                                            scores[j][v]);
-                chunk_max = max16(chunk_max, scores[j][v]);
-            }
+            const vec16 chunk_max = mask_and_max(scores, v, num_keys, chunk, first_position, positions[v],
+                                                 running_max[v]);
             const vec16 correction = exp16(running_max[v] - chunk_max);
             vec16 sum = running_sum[v] * correction;
             for (int64_t jp = 0; jp < num_pairs; ++jp) {
@@ -314,12 +325,7 @@ static void attend_tile_bf16(float *restrict out, const float *restrict query, c
                 for (int v = 0; v < NV; ++v) _mm512_storeu_ps(ot + (d + e) * LANES + 16 * v, acc[e][v]);
         }
     }
-    float inverse[LANES];
-    for (int v = 0; v < NV; ++v) store16(inverse + 16 * v, 1.0f / running_sum[v]);
-    for (int64_t lane = 0; lane < num_lanes; ++lane) {
-        const int64_t row = (first_row + lane / group) * num_heads + kv_head * group + lane % group;
-        for (int64_t d = 0; d < head_dim; ++d) out[row * head_dim + d] = ot[d * LANES + lane] * inverse[lane];
-    }
+    finish_tile(out, ot, running_sum, num_lanes, first_row, num_heads, kv_head, group, head_dim);
 }
 #endif
 
