@@ -205,7 +205,8 @@ static inline __attribute__((always_inline)) void softmax_update(
  * instruction) with the query rounded to bfloat16 once per request -- exact in a
  * bfloat16 model, whose queries are bfloat16 values -- and the values widened to
  * float32 16 at a time. The generic loops spend most of their time widening
- * every key element; one layer, 128 requests of 400 tokens: see the commit. */
+ * every key element; one layer, 128 requests of 400 tokens, head size 64:
+ * 2.40 -> 1.63 ms (4.14 -> 2.42 ms at head size 128; Zen 5, 2 cores). */
 
 /* (sum of a0's 16 lanes, of a1's, of a2's, of a3's) */
 static inline __m128 sum16x4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
