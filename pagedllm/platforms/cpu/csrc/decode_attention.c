@@ -341,12 +341,14 @@ static inline __attribute__((always_inline)) void attend_heads(
     float *q_scaled = scratch, *acc = q_scaled + num_q * head_dim;
     float *running_max = acc + num_q * head_dim, *running_sum = running_max + num_q;
     float *scores = running_sum + num_q; /* [num_q, block_size] */
-    for (int64_t i = 0; i < num_q * head_dim; ++i) q_scaled[i] = q[i] * scale, acc[i] = 0.0f;
+    for (int64_t i = 0; i < num_q * head_dim; ++i) acc[i] = 0.0f;
 #if HAVE_BF16_DOTS
-    if (dots) /* bfloat16, unscaled, over the float32 copy (half its size) */
+    if (dots) /* bfloat16, unscaled, in the float32 copy's place (half its size) */
         for (int64_t i = 0; i < num_q * head_dim; i += 16)
             _mm256_storeu_si256((__m256i *)((uint16_t *)q_scaled + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(q + i)));
+    else
 #endif
+        for (int64_t i = 0; i < num_q * head_dim; ++i) q_scaled[i] = q[i] * scale;
     for (int64_t h = 0; h < num_q; ++h) running_max[h] = -INFINITY, running_sum[h] = 0.0f;
 
     const int64_t first_tile = first - first % block_size;
