@@ -6,6 +6,9 @@ import json
 import math
 from pathlib import Path
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 
 def _jsonable(value):
     # json.dump would write bare Infinity/NaN (e.g. request_rate=inf), which strict
@@ -31,10 +34,6 @@ def read_json(path: str | Path) -> dict:
 
 def plot(results: list[dict], png_path: str | Path) -> None:
     """Grouped bars of output tok/s and total tok/s, one group per run label."""
-    # matplotlib (the bench extra) only when a chart is asked for (--png)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not results:
         raise ValueError("plot needs at least one result")
     for r in results:
