@@ -3,7 +3,7 @@
  *
  * A work item is (request, KV head, tile of query tokens): the tile's queries of
  * every query head in that KV group -- up to LANES query vectors, e.g. 10 tokens
- * x 3 heads -- are computed together, each one a lane of 16-float vectors. The
+ * x 3 heads -- are computed together, each one a lane of the vectors (WIDTH). The
  * item walks the keys 16 at a time (KEYS per chunk, converted to float32 once
  * for all its lanes), with an online softmax (running max and sum per lane), so
  * nothing grows with the context:
@@ -29,52 +29,64 @@
 
 #include "kv_elements.h"
 
-#define LANES 32 /* query vectors of one work item: two 16-float vectors */
-#define NV (LANES / 16)
+/* One vector of lanes: 16 floats with AVX-512, 8 elsewhere. (GCC lowers comparisons,
+ * selects and conversions of 16-float vectors to scalar code lane by lane on AVX2:
+ * one layer of a 7 x 288-token float32 prefill took 380 ms there, ten times torch's
+ * SDPA, before the vectors were made as wide as the registers.) */
+#if defined(__AVX512F__)
+#define WIDTH 16
+#else
+#define WIDTH 8
+#endif
+#define LANES 32 /* query vectors of one work item: LANES / WIDTH vectors */
+#define NV (LANES / WIDTH)
 #define KEYS 16 /* keys per chunk */
 #define NO_SCORE (-1e30f) /* "minus infinity" that survives -ffast-math */
+/* dims of the output per pass of the P.V product: 4 x NV accumulators fit AVX-512's 32
+ * registers, 2 x NV AVX2's 16 */
+#define DIMS_PER_PASS (WIDTH == 16 ? 4 : 2)
 
-typedef float vec16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef float vecf __attribute__((vector_size(WIDTH * 4)));
+typedef int32_t veci __attribute__((vector_size(WIDTH * 4)));
 
-static inline vec16 load16(const float *p) {
-    vec16 v;
+static inline vecf loadv(const float *p) {
+    vecf v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-static inline void store16(float *p, vec16 v) { memcpy(p, &v, sizeof v); }
+static inline void storev(float *p, vecf v) { memcpy(p, &v, sizeof v); }
 
-static inline vec16 splat16(float x) { return (vec16){0} + x; }
+static inline vecf splatv(float x) { return (vecf){0} + x; }
 
 /* mask ? a : b, lane by lane (mask lanes are all ones or all zeros). */
-static inline vec16 select16(i32x16 mask, vec16 a, vec16 b) {
-    i32x16 ia, ib;
+static inline vecf selectv(veci mask, vecf a, vecf b) {
+    veci ia, ib;
     memcpy(&ia, &a, sizeof ia), memcpy(&ib, &b, sizeof ib);
-    const i32x16 r = (mask & ia) | (~mask & ib);
-    vec16 out;
+    const veci r = (mask & ia) | (~mask & ib);
+    vecf out;
     memcpy(&out, &r, sizeof out);
     return out;
 }
 
-static inline vec16 max16(vec16 a, vec16 b) { return select16(a > b, a, b); }
+static inline vecf maxv(vecf a, vecf b) { return selectv(a > b, a, b); }
 
 /* exp(x) for x <= 0 (Cephes' expf polynomial, relative error ~1e-7): 2^n * p(r) with
  * r = x - n ln 2; inputs below -87 give ~0, which is what a masked score needs. */
-static inline vec16 exp16(vec16 x) {
-    x = max16(x, splat16(-87.0f));
-    const vec16 fx = x * 1.44269504088896341f + 0.5f;
-    i32x16 n = __builtin_convertvector(fx, i32x16); /* truncates toward zero */
-    vec16 nf = __builtin_convertvector(n, vec16);
-    const i32x16 too_big = nf > fx; /* floor for negative values */
-    n += too_big, nf = __builtin_convertvector(n, vec16);
+static inline vecf expv(vecf x) {
+    x = maxv(x, splatv(-87.0f));
+    const vecf fx = x * 1.44269504088896341f + 0.5f;
+    veci n = __builtin_convertvector(fx, veci); /* truncates toward zero */
+    vecf nf = __builtin_convertvector(n, vecf);
+    const veci too_big = nf > fx; /* floor for negative values */
+    n += too_big, nf = __builtin_convertvector(n, vecf);
     x = x - nf * 0.693359375f - nf * -2.12194440e-4f;
-    const vec16 z = x * x;
-    vec16 y = ((((1.9875691500e-4f * x + 1.3981999507e-3f) * x + 8.3334519073e-3f) * x + 4.1665795894e-2f) * x
-               + 1.6666665459e-1f) * x + 5.0000001201e-1f;
+    const vecf z = x * x;
+    vecf y = ((((1.9875691500e-4f * x + 1.3981999507e-3f) * x + 8.3334519073e-3f) * x + 4.1665795894e-2f) * x
+              + 1.6666665459e-1f) * x + 5.0000001201e-1f;
     y = y * z + x + 1.0f;
-    const i32x16 bits = (n + 127) << 23;
-    vec16 scale;
+    const veci bits = (n + 127) << 23;
+    vecf scale;
     memcpy(&scale, &bits, sizeof scale);
     return y * scale;
 }
@@ -86,35 +98,35 @@ static inline void row_to_float(float *dst, const void *row, int64_t head_dim, i
 
 /* A tile's running softmax state per lane vector: each lane's position (lanes past
  * the tile attend everything; their output is dropped), max and sum. */
-static inline void start_tile(vec16 *positions, vec16 *running_max, vec16 *running_sum, int64_t num_lanes,
+static inline void start_tile(vecf *positions, vecf *running_max, vecf *running_sum, int64_t num_lanes,
                               int64_t first_position, int64_t group) {
     float position_of[LANES];
     for (int64_t lane = 0; lane < LANES; ++lane)
         position_of[lane] = lane < num_lanes ? (float)(first_position + lane / group) : 1e9f;
     for (int v = 0; v < NV; ++v)
-        positions[v] = load16(position_of + 16 * v), running_max[v] = splat16(NO_SCORE), running_sum[v] = splat16(0);
+        positions[v] = loadv(position_of + WIDTH * v), running_max[v] = splatv(NO_SCORE), running_sum[v] = splatv(0);
 }
 
 /* The causal mask over one lane vector's scores of a chunk (only chunks reaching past
  * the tile's first token need it), in place; returns the new running max. */
-static inline vec16 mask_and_max(vec16 scores[KEYS][NV], int v, int64_t num_keys, int64_t chunk,
-                                 int64_t first_position, vec16 positions, vec16 running_max) {
+static inline vecf mask_and_max(vecf scores[KEYS][NV], int v, int64_t num_keys, int64_t chunk,
+                                 int64_t first_position, vecf positions, vecf running_max) {
     const int masked = chunk + num_keys - 1 > first_position;
-    vec16 chunk_max = running_max;
+    vecf chunk_max = running_max;
     for (int64_t j = 0; j < num_keys; ++j) {
         if (masked)
-            scores[j][v] = select16(splat16((float)(chunk + j)) > positions, splat16(NO_SCORE), scores[j][v]);
-        chunk_max = max16(chunk_max, scores[j][v]);
+            scores[j][v] = selectv(splatv((float)(chunk + j)) > positions, splatv(NO_SCORE), scores[j][v]);
+        chunk_max = maxv(chunk_max, scores[j][v]);
     }
     return chunk_max;
 }
 
 /* Output rows of the tile's lanes: OT [head_dim][LANES] divided by each lane's sum. */
-static inline void finish_tile(float *restrict out, const float *restrict ot, const vec16 *running_sum,
+static inline void finish_tile(float *restrict out, const float *restrict ot, const vecf *running_sum,
                                int64_t num_lanes, int64_t first_row, int64_t num_heads, int64_t kv_head,
                                int64_t group, int64_t head_dim) {
     float inverse[LANES];
-    for (int v = 0; v < NV; ++v) store16(inverse + 16 * v, 1.0f / running_sum[v]);
+    for (int v = 0; v < NV; ++v) storev(inverse + WIDTH * v, 1.0f / running_sum[v]);
     for (int64_t lane = 0; lane < num_lanes; ++lane) {
         const int64_t row = (first_row + lane / group) * num_heads + kv_head * group + lane % group;
         for (int64_t d = 0; d < head_dim; ++d) out[row * head_dim + d] = ot[d * LANES + lane] * inverse[lane];
@@ -137,7 +149,7 @@ static void attend_tile(float *restrict out, const float *restrict query, const 
             qt[d * LANES + lane] = lane < num_lanes ? query[row * head_dim + d] * scale : 0.0f;
             ot[d * LANES + lane] = 0.0f;
         }
-    vec16 positions[NV], running_max[NV], running_sum[NV];
+    vecf positions[NV], running_max[NV], running_sum[NV];
     start_tile(positions, running_max, running_sum, num_lanes, first_position, group);
 
     const int64_t last_key = first_position + num_tokens - 1;
@@ -151,15 +163,15 @@ static void attend_tile(float *restrict out, const float *restrict query, const 
             row_to_float(values + j * head_dim, kv_at(value_cache, offset, format), head_dim, format);
         }
         /* Scores, two keys at a time: 2 x NV accumulators, each K element broadcast once per vector. */
-        vec16 scores[KEYS][NV];
+        vecf scores[KEYS][NV];
         for (int64_t j = 0; j < num_keys; j += 2) {
             const int pair = j + 1 < num_keys;
-            vec16 a0[NV] = {{0}}, a1[NV] = {{0}};
+            vecf a0[NV] = {{0}}, a1[NV] = {{0}};
             const float *k0 = keys + j * head_dim, *k1 = k0 + head_dim;
             for (int64_t d = 0; d < head_dim; ++d) {
                 const float kd0 = k0[d], kd1 = pair ? k1[d] : 0.0f;
                 for (int v = 0; v < NV; ++v) {
-                    const vec16 q = load16(qt + d * LANES + 16 * v);
+                    const vecf q = loadv(qt + d * LANES + WIDTH * v);
                     a0[v] += kd0 * q, a1[v] += kd1 * q;
                 }
             }
@@ -170,33 +182,33 @@ static void attend_tile(float *restrict out, const float *restrict query, const 
         }
         /* Causal mask, online softmax. */
         for (int v = 0; v < NV; ++v) {
-            const vec16 chunk_max = mask_and_max(scores, v, num_keys, chunk, first_position, positions[v],
+            const vecf chunk_max = mask_and_max(scores, v, num_keys, chunk, first_position, positions[v],
                                                  running_max[v]);
-            const vec16 correction = exp16(running_max[v] - chunk_max);
-            vec16 sum = running_sum[v] * correction;
+            const vecf correction = expv(running_max[v] - chunk_max);
+            vecf sum = running_sum[v] * correction;
             for (int64_t j = 0; j < num_keys; ++j) {
-                const vec16 weight = exp16(scores[j][v] - chunk_max);
-                store16(p + j * LANES + 16 * v, weight);
+                const vecf weight = expv(scores[j][v] - chunk_max);
+                storev(p + j * LANES + WIDTH * v, weight);
                 sum += weight;
             }
             running_max[v] = chunk_max, running_sum[v] = sum;
             for (int64_t d = 0; d < head_dim; ++d)
-                store16(ot + d * LANES + 16 * v, load16(ot + d * LANES + 16 * v) * correction);
+                storev(ot + d * LANES + WIDTH * v, loadv(ot + d * LANES + WIDTH * v) * correction);
         }
-        /* Weighted values, four dims at a time: each V element broadcast against P's vectors. */
-        for (int64_t d = 0; d < head_dim; d += 4) {
-            vec16 acc[4][NV];
-            for (int e = 0; e < 4; ++e)
-                for (int v = 0; v < NV; ++v) acc[e][v] = load16(ot + (d + e) * LANES + 16 * v);
+        /* Weighted values, DIMS_PER_PASS dims at a time: each V element broadcast against P's vectors. */
+        for (int64_t d = 0; d < head_dim; d += DIMS_PER_PASS) {
+            vecf acc[DIMS_PER_PASS][NV];
+            for (int e = 0; e < DIMS_PER_PASS; ++e)
+                for (int v = 0; v < NV; ++v) acc[e][v] = loadv(ot + (d + e) * LANES + WIDTH * v);
             for (int64_t j = 0; j < num_keys; ++j) {
                 const float *vj = values + j * head_dim + d;
                 for (int v = 0; v < NV; ++v) {
-                    const vec16 weight = load16(p + j * LANES + 16 * v);
-                    for (int e = 0; e < 4; ++e) acc[e][v] += vj[e] * weight;
+                    const vecf weight = loadv(p + j * LANES + WIDTH * v);
+                    for (int e = 0; e < DIMS_PER_PASS; ++e) acc[e][v] += vj[e] * weight;
                 }
             }
-            for (int e = 0; e < 4; ++e)
-                for (int v = 0; v < NV; ++v) store16(ot + (d + e) * LANES + 16 * v, acc[e][v]);
+            for (int e = 0; e < DIMS_PER_PASS; ++e)
+                for (int v = 0; v < NV; ++v) storev(ot + (d + e) * LANES + WIDTH * v, acc[e][v]);
         }
     }
     finish_tile(out, ot, running_sum, num_lanes, first_row, num_heads, kv_head, group, head_dim);
@@ -212,10 +224,10 @@ static inline uint32_t bf16_bits(float x) {
 
 /* Sixteen lanes of two weight vectors as bfloat16 pairs (w0[l], w1[l]); *rounded0 and
  * *rounded1 get the weights as rounded. */
-static inline __m512i weight_pairs(vec16 w0, vec16 w1, vec16 *rounded0, vec16 *rounded1) {
+static inline __m512i weight_pairs(vecf w0, vecf w1, vecf *rounded0, vecf *rounded1) {
     const __m512i b0 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)w0));
     const __m512i b1 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)w1));
-    *rounded0 = (vec16)_mm512_slli_epi32(b0, 16), *rounded1 = (vec16)_mm512_slli_epi32(b1, 16);
+    *rounded0 = (vecf)_mm512_slli_epi32(b0, 16), *rounded1 = (vecf)_mm512_slli_epi32(b1, 16);
     return _mm512_or_si512(b0, _mm512_slli_epi32(b1, 16));
 }
 
@@ -245,7 +257,7 @@ static void attend_tile_bf16(float *restrict out, const float *restrict query, c
             qp[d / 2 * LANES + lane] = lane < num_lanes ? bf16_bits(q[d]) | bf16_bits(q[d + 1]) << 16 : 0;
         for (int64_t d = 0; d < head_dim; ++d) ot[d * LANES + lane] = 0.0f;
     }
-    vec16 positions[NV], running_max[NV], running_sum[NV];
+    vecf positions[NV], running_max[NV], running_sum[NV];
     start_tile(positions, running_max, running_sum, num_lanes, first_position, group);
 
     const int64_t last_key = first_position + num_tokens - 1;
@@ -259,14 +271,14 @@ static void attend_tile_bf16(float *restrict out, const float *restrict query, c
             key_row[j] = key_cache + offset, value_row[j] = value_cache + offset;
         }
         /* Scores, eight keys at a time: 8 x NV accumulators. */
-        vec16 scores[KEYS][NV];
+        vecf scores[KEYS][NV];
         for (int64_t g = 0; g < num_keys; g += 8) {
             __m512 acc[8][NV];
             for (int k = 0; k < 8; ++k)
                 for (int v = 0; v < NV; ++v) acc[k][v] = _mm512_setzero_ps();
             for (int64_t d = 0; d < head_dim; d += 2) {
                 __m512bh q[NV];
-                for (int v = 0; v < NV; ++v) q[v] = (__m512bh)_mm512_loadu_si512(qp + d / 2 * LANES + 16 * v);
+                for (int v = 0; v < NV; ++v) q[v] = (__m512bh)_mm512_loadu_si512(qp + d / 2 * LANES + WIDTH * v);
                 for (int k = 0; k < 8; ++k) {
                     uint32_t pair;
                     memcpy(&pair, key_row[g + k] + d, sizeof pair);
@@ -275,7 +287,7 @@ static void attend_tile_bf16(float *restrict out, const float *restrict query, c
                 }
             }
             for (int k = 0; k < 8; ++k)
-                for (int v = 0; v < NV; ++v) scores[g + k][v] = (vec16)acc[k][v] * scale;
+                for (int v = 0; v < NV; ++v) scores[g + k][v] = (vecf)acc[k][v] * scale;
         }
         /* Value pairs: per 32 dims, unpacking rows j and j + 1 leaves, in each 128-bit
          * lane c, the pairs of dims 8c..8c+3 (first 16 entries) and 8c+4..8c+7 (last 16). */
@@ -290,31 +302,31 @@ static void attend_tile_bf16(float *restrict out, const float *restrict query, c
             }
         /* Causal mask, online softmax; the weights go out as bfloat16 pairs. */
         for (int v = 0; v < NV; ++v) {
-            const vec16 chunk_max = mask_and_max(scores, v, num_keys, chunk, first_position, positions[v],
+            const vecf chunk_max = mask_and_max(scores, v, num_keys, chunk, first_position, positions[v],
                                                  running_max[v]);
-            const vec16 correction = exp16(running_max[v] - chunk_max);
-            vec16 sum = running_sum[v] * correction;
+            const vecf correction = expv(running_max[v] - chunk_max);
+            vecf sum = running_sum[v] * correction;
             for (int64_t jp = 0; jp < num_pairs; ++jp) {
-                const vec16 w0 = exp16(scores[2 * jp][v] - chunk_max);
-                const vec16 w1 = 2 * jp + 1 < num_keys ? exp16(scores[2 * jp + 1][v] - chunk_max) : splat16(0);
-                vec16 r0, r1;
-                _mm512_storeu_si512(pp + jp * LANES + 16 * v, weight_pairs(w0, w1, &r0, &r1));
+                const vecf w0 = expv(scores[2 * jp][v] - chunk_max);
+                const vecf w1 = 2 * jp + 1 < num_keys ? expv(scores[2 * jp + 1][v] - chunk_max) : splatv(0);
+                vecf r0, r1;
+                _mm512_storeu_si512(pp + jp * LANES + WIDTH * v, weight_pairs(w0, w1, &r0, &r1));
                 sum += r0 + r1;
             }
             running_max[v] = chunk_max, running_sum[v] = sum;
             for (int64_t d = 0; d < head_dim; ++d)
-                store16(ot + d * LANES + 16 * v, load16(ot + d * LANES + 16 * v) * correction);
+                storev(ot + d * LANES + WIDTH * v, loadv(ot + d * LANES + WIDTH * v) * correction);
         }
         /* Weighted values, eight dims at a time: each value pair broadcast against PP's vectors. */
         for (int64_t d = 0; d < head_dim; d += 8) {
             __m512 acc[8][NV];
             for (int e = 0; e < 8; ++e)
-                for (int v = 0; v < NV; ++v) acc[e][v] = _mm512_loadu_ps(ot + (d + e) * LANES + 16 * v);
+                for (int v = 0; v < NV; ++v) acc[e][v] = _mm512_loadu_ps(ot + (d + e) * LANES + WIDTH * v);
             /* where dims d..d+7 sit among their 32-dim group's pairs (see above) */
             const int64_t group_start = d - d % 32, c = d % 32 / 8;
             for (int64_t jp = 0; jp < num_pairs; ++jp) {
                 __m512bh w[NV];
-                for (int v = 0; v < NV; ++v) w[v] = (__m512bh)_mm512_loadu_si512(pp + jp * LANES + 16 * v);
+                for (int v = 0; v < NV; ++v) w[v] = (__m512bh)_mm512_loadu_si512(pp + jp * LANES + WIDTH * v);
                 const uint32_t *pairs = vp + jp * head_dim + group_start + 4 * c;
                 for (int e = 0; e < 8; ++e) {
                     const __m512bh vd = (__m512bh)_mm512_set1_epi32((int)pairs[e < 4 ? e : 16 + e - 4]);
@@ -322,7 +334,7 @@ static void attend_tile_bf16(float *restrict out, const float *restrict query, c
                 }
             }
             for (int e = 0; e < 8; ++e)
-                for (int v = 0; v < NV; ++v) _mm512_storeu_ps(ot + (d + e) * LANES + 16 * v, acc[e][v]);
+                for (int v = 0; v < NV; ++v) _mm512_storeu_ps(ot + (d + e) * LANES + WIDTH * v, acc[e][v]);
         }
     }
     finish_tile(out, ot, running_sum, num_lanes, first_row, num_heads, kv_head, group, head_dim);
