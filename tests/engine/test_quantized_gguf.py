@@ -24,12 +24,15 @@ CHATS = [
     [{"role": "user", "content": "Name three planets of the solar system."}],
     [{"role": "user", "content": "How do I reverse a list in Python?"}],
 ]
-# Steps of <= 8 tokens round the layers' activations to int8 per 32 values (as llama.cpp
-# does; the LM head keeps float32 activations): a token may flip where float32's two best are
-# this close. Measured on a Zen 5 EPYC: 5 of 8 prompts agree over 32 tokens, the other three
-# part at gaps of 0.005, 0.018 and 0.068.
+# The layers' activations are rounded to int8 per 32 values in every step, prompt and decode
+# alike (as llama.cpp does; the LM head keeps float32 activations): a token may flip where
+# float32's two best are this close. Measured (AMD EPYC Zen 3): 3 of 8 prompts agree over all
+# 32 tokens, the others part after 1-16 tokens at gaps of 0.005-0.23; 142 of the 256 tokens
+# come before a prompt's first divergence. (When only decode steps of <= 8 rows were rounded:
+# 5 of 8, 201 tokens, but a request's tokens then depended on the batch it ran in.)
 NEAR_TIE = 0.5
 NUM_TOKENS = 32
+MIN_AGREEING_TOKENS = 100
 
 
 def _generate(llm: LLM) -> list:
@@ -43,20 +46,23 @@ def _generate(llm: LLM) -> list:
 def test_quantized_greedy_tokens_equal_float32_up_to_near_ties():
     quantized = _generate(LLM(quantization="gguf", max_model_len=512, kv_cache_memory="64MiB"))
     reference = _generate(LLM(dtype="float32", max_model_len=512, kv_cache_memory="64MiB"))
-    agreeing = 0
+    agreeing = agreeing_tokens = 0
     for ours, theirs in zip(quantized, reference):
         ours_ids, their_ids = list(ours.outputs[0].token_ids), list(theirs.outputs[0].token_ids)
         if ours_ids == their_ids:
             agreeing += 1
+            agreeing_tokens += len(ours_ids)
             continue
         step = next(i for i, (a, b) in enumerate(zip(ours_ids, their_ids)) if a != b)
+        agreeing_tokens += step
         # the same weights, activations rounded to 8 bits: only a near tie may flip
         candidates = theirs.outputs[0].logprobs[step]
         assert ours_ids[step] in candidates, (ours.prompt, step)
         gap = candidates[their_ids[step]].logprob - candidates[ours_ids[step]].logprob
         assert gap < NEAR_TIE, (ours.prompt, step, gap)
-    print(f"{agreeing} of {len(PROMPTS) + len(CHATS)} prompts agree over {NUM_TOKENS} tokens")
-    assert agreeing >= (len(PROMPTS) + len(CHATS)) // 2
+    print(f"{agreeing} of {len(PROMPTS) + len(CHATS)} prompts agree over {NUM_TOKENS} tokens, "
+          f"{agreeing_tokens} tokens before the first divergences")
+    assert agreeing_tokens >= MIN_AGREEING_TOKENS
 
 
 _LOAD_PROBE = """

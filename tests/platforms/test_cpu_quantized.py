@@ -67,9 +67,9 @@ def _assert_float32_sums_close(out: torch.Tensor, x: torch.Tensor, weight: torch
 
 
 def _as_multiplied(x: torch.Tensor) -> torch.Tensor:
-    """What the kernels multiply 32-value-block weights by: x itself through the dequantized
-    slabs (many rows), x rounded to int8 per block through gguf_gemm_int8 (few rows)."""
-    return _int8_rounded(x)[0] if x.shape[0] <= cpu_quantized.QUANTIZED_GEMM_MAX_ROWS else x
+    """What the kernels multiply 32-value-block weights by, for any number of rows: x rounded
+    to int8 per block (gguf_gemm_int8)."""
+    return _int8_rounded(x)[0]
 
 
 def _weight(*segments: QuantizedTensor) -> QuantizedWeight:
@@ -101,9 +101,10 @@ def _int8_rounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.round(blocks * inverse) * dx).reshape(x.shape), dx.squeeze(-1)
 
 
-# 1..8 rows: gguf_gemm_int8 (32-value blocks) or gguf_gemm (K-quants); 64 and 130:
-# dequantized slabs through oneDNN.
-@pytest.mark.parametrize("rows", [1, 5, cpu_quantized.QUANTIZED_GEMM_MAX_ROWS, 64, 130])
+# 32-value blocks: gguf_gemm_int8 for any number of rows (1, 2: straight from the blocks;
+# 5, 8: a pass of 3 rows and leftovers; 64, 130: many passes, 130 leaving one row; 400: two
+# panels of rows). K-quants: 1..8 rows gguf_gemm, more dequantized slabs through oneDNN.
+@pytest.mark.parametrize("rows", [1, 2, 5, cpu_quantized.QUANTIZED_GEMM_MAX_ROWS, 64, 130, 400])
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda fmt: fmt.name)
 def test_matmul_equals_float32_on_the_dequantized_weights(fmt, rows):
     tensor, reference = _quantized(fmt, 203, 768, seed=rows + fmt.ggml_type)
@@ -111,7 +112,7 @@ def test_matmul_equals_float32_on_the_dequantized_weights(fmt, rows):
     bias = torch.randn(203)
     out = KERNELS.linear(x, _weight(tensor), bias)
     assert out.shape == (rows, 203) and out.dtype == torch.float32
-    if rows > cpu_quantized.QUANTIZED_GEMM_MAX_ROWS:
+    if fmt.block_size == 256 and rows > cpu_quantized.QUANTIZED_GEMM_MAX_ROWS:
         _assert_float32_sums_close(out, x, reference, bias)
     elif fmt.block_size == 256:
         # the same float dot products as the float32 small GEMM, on the same values: bit for bit
@@ -126,13 +127,20 @@ def test_matmul_equals_float32_on_the_dequantized_weights(fmt, rows):
 
 
 @pytest.mark.parametrize("fmt", [fmt for fmt in FORMATS if fmt.block_size == 32], ids=lambda fmt: fmt.name)
-def test_one_row_with_an_odd_number_of_blocks(fmt):
-    """A single row runs two blocks at a time: 25 blocks leave one for the tail."""
-    tensor, reference = _quantized(fmt, 37, 800, seed=fmt.ggml_type)
-    x = torch.randn(1, 800, generator=torch.Generator().manual_seed(5))
-    out = KERNELS.linear(x, _weight(tensor))
-    _assert_float32_sums_close(out, _int8_rounded(x)[0], reference, None)
-    _assert_within_int8_rounding(out, x, reference)
+def test_rows_do_not_depend_on_the_batch(fmt):
+    """A row of x gets bit for bit the same outputs alone, in a decode-sized batch, in a
+    prefill-sized one and at any place in it: whichever tile shape, pass or leftover
+    computes it. 25 blocks (not a multiple of the 8 the offsets are summed by), and 4 * 9 + 3
+    weight rows in two segments (short tiles)."""
+    first, reference_first = _quantized(fmt, 37, 800, seed=fmt.ggml_type)
+    second, reference_second = _quantized(GGUF_FORMATS[2], 2, 800, seed=3)
+    weight = _weight(first, second)
+    x = torch.randn(203, 800, generator=torch.Generator().manual_seed(5))
+    bias = torch.randn(39)
+    whole = KERNELS.linear(x, weight, bias)
+    _assert_float32_sums_close(whole, _int8_rounded(x)[0], torch.cat([reference_first, reference_second]), bias)
+    for start, rows in ((0, 1), (7, 1), (200, 1), (3, 2), (10, 3), (11, 4), (50, 8), (1, 64), (5, 198)):
+        assert torch.equal(KERNELS.linear(x[start:start + rows], weight, bias), whole[start:start + rows]), (start, rows)
 
 
 def _assert_within_int8_rounding(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -148,10 +156,8 @@ def _assert_within_int8_rounding(out: torch.Tensor, x: torch.Tensor, weight: tor
 
 
 @pytest.mark.parametrize("rows", [3, 100])
-def test_segments_of_different_formats_and_many_slabs(monkeypatch, rows):
-    """A fused layer whose pieces came in different formats (Q/K in one, V in another),
-    with slabs small enough that each segment takes several (and a short last one)."""
-    monkeypatch.setattr(cpu_quantized, "SLAB_VALUES", 64 * 40)
+def test_segments_of_different_formats(rows):
+    """A fused layer whose pieces came in different formats (Q/K in one, V in another)."""
     q4, reference_q4 = _quantized(GGUF_FORMATS[3], 100, 64, seed=1)
     q8, reference_q8 = _quantized(GGUF_FORMATS[8], 27, 64, seed=2)
     q4b, reference_q4b = _quantized(GGUF_FORMATS[3], 9, 64, seed=3)
@@ -161,6 +167,16 @@ def test_segments_of_different_formats_and_many_slabs(monkeypatch, rows):
     x = torch.randn(rows, 64)
     reference = torch.cat([reference_q4, reference_q8, reference_q4b])
     _assert_float32_sums_close(KERNELS.linear(x, weight), _as_multiplied(x), reference)
+
+
+def test_k_quant_segments_over_many_slabs(monkeypatch):
+    """Many rows of a K-quant layer go through dequantized slabs: small enough here that each
+    segment takes several, and a short last one."""
+    monkeypatch.setattr(cpu_quantized, "SLAB_VALUES", 256 * 12)
+    q4k, reference_q4k = _quantized(GGUF_FORMATS[12], 40, 256, seed=1)
+    q6k, reference_q6k = _quantized(GGUF_FORMATS[14], 13, 256, seed=2)
+    x = torch.randn(20, 256)
+    _assert_float32_sums_close(KERNELS.linear(x, _weight(q4k, q6k)), x, torch.cat([reference_q4k, reference_q6k]))
 
 
 def test_segments_stay_views_of_their_blocks():
@@ -226,7 +242,7 @@ def test_portable_integer_dot_products_match_the_vector_ones(fmt, portable_kerne
     integer sums, float sums in another order."""
     portable = portable_kernels
     tensor, reference = _quantized(fmt, 67, 256, seed=11)
-    x = torch.randn(6, 256)
+    x = torch.randn(7, 256)
     bias = torch.randn(67)
     out = portable.linear(x, _weight(tensor), bias)
     _assert_float32_sums_close(out, _int8_rounded(x)[0], reference, bias)

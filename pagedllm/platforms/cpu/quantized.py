@@ -1,14 +1,16 @@
 """GGUF-quantized weights on CPU (csrc/quantized_gemm.c): the matmul and the
 embedding lookup of layers holding a QuantizedWeight (layers/quantization.py).
 
-Few rows (decode steps of small batches) stream the quantized blocks, a fifth (Q6_K)
-to a seventh (Q4_0) of float32's bytes: gguf_gemm_int8 (csrc/quantized_dot.c) for the
-32-value block types, with the activations rounded to int8 per block as llama.cpp
-does and integer dot products, and gguf_gemm for the K-quants, which dequantizes
-tile by tile in L1 and multiplies in float32. Many rows (prefill, large batches): the matmul is bound by arithmetic, not
-bytes, so each weight is dequantized a slab of output rows at a time into a
-float32 scratch that stays cache-sized, and multiplied by oneDNN. Activations and
-results are float32; a 16-bit model's are cast on the way in and out.
+The 32-value block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) run on gguf_gemm_int8
+(csrc/quantized_dot.c) for any number of rows: the activations rounded to int8 per
+block as llama.cpp does, integer dot products, weight tiles unpacked once per call
+and taken through every row. One kernel for every batch size keeps a request's
+results independent of the batch it runs in. The K-quants and the LM head (float
+activations: logits feed sampling directly) take gguf_gemm for few rows, which
+dequantizes tile by tile in L1 and multiplies in float32, and for many rows (prefill,
+large batches) dequantized slabs of output rows multiplied by oneDNN: there the
+matmul is bound by arithmetic, not bytes. Activations and results are float32; a
+16-bit model's are cast on the way in and out.
 """
 
 from __future__ import annotations
@@ -23,10 +25,8 @@ from pagedllm.layers.quantization import QuantizedTensor, QuantizedWeight
 from pagedllm.platforms.cpu.kernels import INT64, pointer
 from pagedllm.platforms.cpu.linear import float32_linear
 
-# Up to this many rows the streaming kernels, above it dequantized slabs + oneDNN. Measured
-# on a 2-core Zen 5 EPYC (AVX512-VNNI), 576 -> 3072: at 1 row gguf_gemm_int8 takes 0.05-0.08 ms
-# against 0.16-0.23 for slabs; about even at 8 rows (Q4_1 0.31-0.34 / 0.26-0.45 ms); slabs
-# 1.5x faster at 16. (gguf_gemm, the K-quants' float path, is even with slabs near 16.)
+# gguf_gemm (float, K-quants and the LM head) up to this many rows, above it dequantized
+# slabs + oneDNN: about even near 16 rows on a 2-core Zen 5 EPYC.
 QUANTIZED_GEMM_MAX_ROWS = 8
 # Values of one dequantized slab (16 MiB of float32): the LM head of a 49k vocabulary is
 # 7 slabs of 576-wide rows; an 8B model's 14336 x 4096 down projection 4 of 1024 rows.
@@ -78,7 +78,7 @@ class QuantizedKernels:
         y = torch.empty(rows, weight.out_features, dtype=torch.float32)
         if weight.rows < weight.out_features:  # only a padded vocabulary's last rank
             y[:, weight.rows:] = 0
-        if rows <= QUANTIZED_GEMM_MAX_ROWS and self._int8_activations and (table := self._int8_table(weight)):
+        if self._int8_activations and (table := self._int8_table(weight)):
             self._int8_gemm(y, x2, table, bias)
         else:
             for first, tensor in weight.segments:
