@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from pagedllm.platforms.cpu import CpuPlatform
+from pagedllm.platforms.cpu.isa import CpuFeatures
 from pagedllm.platforms.cpu.fused import small_linear
-from pagedllm.platforms.cpu.linear import SMALL_GEMM_MAX_ROWS, bucket_rows, pack_bfloat16_weights
+from pagedllm.platforms.cpu.linear import (SMALL_GEMM_MAX_ROWS, bucket_rows, onednn_bucketed_linear,
+                                           pack_bfloat16_weights)
 
 PLATFORM = CpuPlatform()
 linear = PLATFORM.linear(torch.float32)
@@ -55,6 +57,8 @@ def test_a_sliced_input_matches(rows):
         torch.testing.assert_close(linear(view, weight), F.linear(view, weight), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not PLATFORM.features.onednn_bf16,
+                    reason="oneDNN's bfloat16 matmul needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT")
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 100, 2048, 2049])
 @pytest.mark.parametrize("bias", [False, True])
 def test_bfloat16_padded_to_buckets_and_packed_equals_plain_pytorch(rows, bias):
@@ -80,6 +84,19 @@ def test_row_buckets():
 
 def test_float16_is_plain_pytorch():
     assert PLATFORM.linear(torch.float16) is F.linear
+
+
+def test_bfloat16_takes_onednn_only_where_it_runs():
+    """oneDNN's bfloat16 matmul and packing raise without AVX-512 BW/VL/DQ or AVX-NE-CONVERT
+    (an AVX2 EPYC): there bfloat16 layers take PyTorch's own matmul, and packing leaves them."""
+    avx2 = CpuPlatform(CpuFeatures("AVX2 CPU", frozenset({"avx2", "fma"}), 2))
+    assert avx2.linear(torch.bfloat16) is F.linear
+    layer = torch.nn.Module()
+    layer.weight, layer.linear = torch.nn.Parameter(torch.randn(8, 16).bfloat16(), requires_grad=False), F.linear
+    avx2.process_weights_after_loading(layer)
+    assert not layer.weight.is_mkldnn
+    for flags in ({"avx512f", "avx512bw", "avx512vl", "avx512dq"}, {"avx2", "avx_ne_convert"}):
+        assert CpuPlatform(CpuFeatures("", frozenset(flags), 2)).linear(torch.bfloat16) is onednn_bucketed_linear
 
 
 # oneDNN (and torch's ideep above it) keep one prepared matmul per shape: float32's

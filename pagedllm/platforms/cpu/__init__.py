@@ -66,9 +66,9 @@ class CpuPlatform(Platform):
 
         if dtype == torch.float32:
             return float32_linear(self.kernels)
-        if dtype == torch.bfloat16:
+        if dtype == torch.bfloat16 and self.features.onednn_bf16:
             return onednn_bucketed_linear
-        return super().linear(dtype)
+        return super().linear(dtype)  # PyTorch's own: oneDNN's bfloat16 path would raise on this CPU
 
     @functools.cached_property
     def _quantized_kernels(self):

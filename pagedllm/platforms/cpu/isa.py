@@ -22,6 +22,12 @@ class CpuFeatures:
         return "avx512_bf16" in self.flags or "amx_bf16" in self.flags
 
     @property
+    def onednn_bf16(self) -> bool:
+        """Whether oneDNN's bfloat16 matmul and weight packing run here: they need AVX-512
+        BW/VL/DQ or AVX-NE-CONVERT and raise on other CPUs (an AVX2-only EPYC)."""
+        return {"avx512bw", "avx512vl", "avx512dq"} <= self.flags or "avx_ne_convert" in self.flags
+
+    @property
     def isa(self) -> str:
         """The best level present, for logs and benchmark reports."""
         for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"),
