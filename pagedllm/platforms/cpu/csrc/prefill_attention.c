@@ -107,17 +107,25 @@ static inline void start_tile(vecf *positions, vecf *running_max, vecf *running_
         positions[v] = loadv(position_of + WIDTH * v), running_max[v] = splatv(NO_SCORE), running_sum[v] = splatv(0);
 }
 
-/* The causal mask over one lane vector's scores of a chunk (only chunks reaching past
- * the tile's first token need it), in place; returns the new running max. */
-static inline vecf mask_and_max(vecf scores[KEYS][NV], int v, int64_t num_keys, int64_t chunk,
-                                 int64_t first_position, vecf positions, vecf running_max) {
+/* Opens a chunk for lane vector v: the causal mask over its scores (only chunks reaching
+ * past the tile's first token need it), in place; the running max raised to the chunk's;
+ * what was summed so far (the running sum and OT's lanes, OT [head_dim][LANES]) rescaled
+ * by exp(old max - new max). Returns the new max, which the caller takes the chunk's
+ * weights against and adds them to *running_sum. */
+static inline vecf open_chunk(vecf scores[KEYS][NV], int v, int64_t num_keys, int64_t chunk,
+                              int64_t first_position, vecf positions, vecf *running_max, vecf *running_sum,
+                              float *ot, int64_t head_dim) {
     const int masked = chunk + num_keys - 1 > first_position;
-    vecf chunk_max = running_max;
+    vecf chunk_max = *running_max;
     for (int64_t j = 0; j < num_keys; ++j) {
         if (masked)
             scores[j][v] = selectv(splatv((float)(chunk + j)) > positions, splatv(NO_SCORE), scores[j][v]);
         chunk_max = maxv(chunk_max, scores[j][v]);
     }
+    const vecf correction = expv(*running_max - chunk_max);
+    *running_max = chunk_max, *running_sum *= correction;
+    for (int64_t d = 0; d < head_dim; ++d)
+        storev(ot + d * LANES + WIDTH * v, loadv(ot + d * LANES + WIDTH * v) * correction);
     return chunk_max;
 }
 
@@ -182,18 +190,13 @@ static void attend_tile(float *restrict out, const float *restrict query, const 
         }
         /* Causal mask, online softmax. */
         for (int v = 0; v < NV; ++v) {
-            const vecf chunk_max = mask_and_max(scores, v, num_keys, chunk, first_position, positions[v],
-                                                 running_max[v]);
-            const vecf correction = expv(running_max[v] - chunk_max);
-            vecf sum = running_sum[v] * correction;
+            const vecf chunk_max = open_chunk(scores, v, num_keys, chunk, first_position, positions[v],
+                                              &running_max[v], &running_sum[v], ot, head_dim);
             for (int64_t j = 0; j < num_keys; ++j) {
                 const vecf weight = expv(scores[j][v] - chunk_max);
                 storev(p + j * LANES + WIDTH * v, weight);
-                sum += weight;
+                running_sum[v] += weight;
             }
-            running_max[v] = chunk_max, running_sum[v] = sum;
-            for (int64_t d = 0; d < head_dim; ++d)
-                storev(ot + d * LANES + WIDTH * v, loadv(ot + d * LANES + WIDTH * v) * correction);
         }
         /* Weighted values, DIMS_PER_PASS dims at a time: each V element broadcast against P's vectors. */
         for (int64_t d = 0; d < head_dim; d += DIMS_PER_PASS) {
@@ -302,20 +305,15 @@ static void attend_tile_bf16(float *restrict out, const float *restrict query, c
             }
         /* Causal mask, online softmax; the weights go out as bfloat16 pairs. */
         for (int v = 0; v < NV; ++v) {
-            const vecf chunk_max = mask_and_max(scores, v, num_keys, chunk, first_position, positions[v],
-                                                 running_max[v]);
-            const vecf correction = expv(running_max[v] - chunk_max);
-            vecf sum = running_sum[v] * correction;
+            const vecf chunk_max = open_chunk(scores, v, num_keys, chunk, first_position, positions[v],
+                                              &running_max[v], &running_sum[v], ot, head_dim);
             for (int64_t jp = 0; jp < num_pairs; ++jp) {
                 const vecf w0 = expv(scores[2 * jp][v] - chunk_max);
                 const vecf w1 = 2 * jp + 1 < num_keys ? expv(scores[2 * jp + 1][v] - chunk_max) : splatv(0);
                 vecf r0, r1;
                 _mm512_storeu_si512(pp + jp * LANES + WIDTH * v, weight_pairs(w0, w1, &r0, &r1));
-                sum += r0 + r1;
+                running_sum[v] += r0 + r1;
             }
-            running_max[v] = chunk_max, running_sum[v] = sum;
-            for (int64_t d = 0; d < head_dim; ++d)
-                storev(ot + d * LANES + WIDTH * v, loadv(ot + d * LANES + WIDTH * v) * correction);
         }
         /* Weighted values, eight dims at a time: each value pair broadcast against PP's vectors. */
         for (int64_t d = 0; d < head_dim; d += 8) {
