@@ -108,13 +108,20 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(make_layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # The platform's runner of all layers in one call for the decode steps it takes
+        # (CPU: platforms/cpu/decode_stack.py), set once the weights are loaded; None: the layers.
+        self.decode_stack = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 metadata: AttentionMetadata) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden_states, residual = layer(positions, hidden_states, residual, kv_cache, metadata)
+        stack = self.decode_stack
+        if stack is not None and stack.takes(hidden_states, kv_caches, metadata):
+            hidden_states, residual = stack(hidden_states, positions, kv_caches, metadata)
+        else:
+            residual = None
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                hidden_states, residual = layer(positions, hidden_states, residual, kv_cache, metadata)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 

@@ -36,9 +36,13 @@ class CpuPlatform(Platform):
         self.kernels  # noqa: B018 -- built now, not inside the first step
 
     def process_weights_after_loading(self, model) -> None:
+        from pagedllm.platforms.cpu.decode_stack import DecodeStack
         from pagedllm.platforms.cpu.linear import pack_bfloat16_weights
 
         pack_bfloat16_weights(model)
+        layers = getattr(model, "model", None)
+        if hasattr(layers, "decode_stack"):  # a model that can hand its decode steps to one
+            layers.decode_stack = DecodeStack.build(self.kernels, layers, self.quantized_kernels())
 
     def allocate_kv_cache(self, shape, dtype, num_layers, step_clock):
         from pagedllm.platforms.cpu.memory import populate_in_background, zeroed_tensor

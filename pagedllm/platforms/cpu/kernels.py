@@ -1,7 +1,8 @@
 """The C kernels for CPUs, built into one shared library when an engine starts.
 
 Sources (csrc/): paged decode and prefill attention, the KV writer, fused norm / activation /
-rotary, the small-batch GEMM and the GEMMs on GGUF-quantized weights. They are compiled once per machine with the
+rotary, the small-batch GEMM, the GEMMs on GGUF-quantized weights and the decode step's
+layers run through them in one call. They are compiled once per machine with the
 system C compiler (~20 s on 2 cores, no torch headers: the kernels take raw
 pointers through ctypes) and cached under `$PAGEDLLM_CACHE_DIR/kernels`; without
 a compiler the callers use their PyTorch paths. OpenMP comes from the libgomp
@@ -28,8 +29,8 @@ logger = logging.getLogger(__name__)
 _SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = tuple(os.path.join(_SOURCE_DIR, name)
                 for name in ("decode_attention.c", "prefill_attention.c", "write_kv.c", "fused_ops.c", "small_gemm.c", "quantized_gemm.c",
-                                 "quantized_dot.c"))
-HEADERS = tuple(os.path.join(_SOURCE_DIR, name) for name in ("dots.h", "gguf_blocks.h", "kv_elements.h"))
+                                 "quantized_dot.c", "decode_stack.c"))
+HEADERS = tuple(os.path.join(_SOURCE_DIR, name) for name in ("dots.h", "gguf_blocks.h", "kernels.h", "kv_elements.h"))
 _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
 # Linked without -ffast-math: with it GCC (before 13) adds crtfastmath.o, whose
 # constructor turns on flush-to-zero / denormals-are-zero in the thread that
@@ -94,7 +95,8 @@ def load_kernel_library() -> ctypes.CDLL | None:
                 return None
             os.replace(built, library)  # atomic: concurrent builders never see a partial file
     lib = ctypes.CDLL(library)
-    for name in ("paged_decode_attention", "paged_prefill_attention", "gguf_dequantize", "gguf_gemm", "gguf_gemm_int8"):
+    for name in ("paged_decode_attention", "paged_prefill_attention", "gguf_dequantize", "gguf_gemm", "gguf_gemm_int8",
+                 "decode_stack_f32"):
         getattr(lib, name).restype = ctypes.c_int
     fused = [f"{op}_{suffix}" for op in ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary")
              for suffix in ("f32", "bf16")]

@@ -78,7 +78,7 @@ class QuantizedKernels:
         y = torch.empty(rows, weight.out_features, dtype=torch.float32)
         if weight.rows < weight.out_features:  # only a padded vocabulary's last rank
             y[:, weight.rows:] = 0
-        if self._int8_activations and (table := self._int8_table(weight)):
+        if self._int8_activations and (table := self.int8_table(weight)):
             self._int8_gemm(y, x2, table, bias)
         else:
             for first, tensor in weight.segments:
@@ -89,7 +89,7 @@ class QuantizedKernels:
                     self._slab_gemm(y, first, x2, tensor, segment_bias)
         return y.reshape(*leading, weight.out_features).to(x.dtype)
 
-    def _int8_table(self, weight: QuantizedWeight) -> tuple | None:
+    def int8_table(self, weight: QuantizedWeight) -> tuple | None:
         """gguf_gemm_int8's segment arrays for weight (made once per weight), or None where a
         segment's format has no integer kernel (the K-quants)."""
         if weight not in self._int8_tables:

@@ -38,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "kv_elements.h"
 
 #define STAGE_BYTES (96 * 1024) /* blocks touched ahead per thread: well inside a 512 KiB L2 */

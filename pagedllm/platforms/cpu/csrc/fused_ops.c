@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels.h"
+
 #define PARALLEL_MIN_ELEMENTS 16384 /* below this, threads cost more than they save */
 
 typedef uint16_t bf16;

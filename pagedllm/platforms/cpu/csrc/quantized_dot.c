@@ -20,6 +20,7 @@
 #include <stdlib.h>
 
 #include "gguf_blocks.h"
+#include "kernels.h"
 
 /* Per-block arrays (scales, offsets) have rows padded with zeros to a multiple of 8
  * blocks, so that their products are summed 8 blocks a vector with no tail. */

@@ -11,6 +11,7 @@
  * y: [rows, out]. Output columns are split among the OpenMP threads.
  */
 #include "dots.h"
+#include "kernels.h"
 
 void small_gemm_f32(float *restrict y, const float *restrict x, int64_t x_stride, const float *restrict w,
                     const float *restrict bias, int64_t rows, int64_t in, int64_t out) {

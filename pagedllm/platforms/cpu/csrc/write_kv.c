@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels.h"
+
 #define PARALLEL_MIN_TOKENS 64 /* below this, threads cost more than they save */
 
 void write_kv(char *restrict kv_cache, const char *restrict key, const char *restrict value,

@@ -1,0 +1,195 @@
+"""Decode steps of Llama-shaped float32 models in one C call (csrc/decode_stack.c).
+
+At batch 1 the Python between a layer's kernels cost more than the kernels: ~60 tensor
+and ctypes operations a layer, ~500 us of a GGUF layer's ~830 us on a 2-core AVX2
+EPYC. A DecodeStack holds every layer's weights, norms and KV-cache pointers in C
+structures built once, so a decode step's layers are one call with a handful of
+per-step arrays. It runs the kernels the layers would run, in their order, so its
+outputs equal theirs bit for bit; the layers stay the path for everything else
+(prompt chunks, 16-bit models, tensor parallelism, layer kinds it does not know).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from pagedllm.attention.metadata import AttentionMetadata
+from pagedllm.distributed.parallel_state import get_tp_size
+from pagedllm.layers.activation import SiluAndMul
+from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.quantization import QuantizedWeight
+from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.platforms.cpu import attention as cpu_attention
+from pagedllm.platforms.cpu.kernels import INT64, pointer
+from pagedllm.platforms.cpu.linear import SMALL_GEMM_MAX_ROWS
+
+_P, _I64, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("dense", _P), ("num_segments", _I64), ("segments", _P), ("row_bytes", _P), ("types", _P),
+                ("first_rows", _P), ("num_rows", _P), ("bias", _P), ("out", _I64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear), ("input_norm", _P),
+                ("post_norm", _P), ("kv_cache", _P), ("sliding_window", _I64)]
+
+
+class _Stack(ctypes.Structure):
+    _fields_ = [(name, _I64) for name in ("num_layers", "hidden", "intermediate", "num_heads", "num_kv_heads",
+                                          "head_dim", "rotary_dim", "num_blocks", "block_size")]
+    _fields_ += [("eps", _F), ("norm_offset", _F), ("scale", _F), ("cos_cache", _P), ("sin_cache", _P),
+                 ("layers", _P)]
+
+
+def _eligible_layer(layer, quantized) -> bool:
+    from pagedllm.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
+
+    attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if not (type(layer) is LlamaDecoderLayer and type(attention) is LlamaAttention and type(mlp) is LlamaMLP
+            and type(mlp.act) is SiluAndMul and mlp.act.fused is not None):
+        return False
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if any(type(norm) is not RMSNorm or norm.fused is None or norm.weight.dtype != torch.float32 for norm in norms):
+        return False
+    rotary, attn = attention.rotary_emb, attention.attn
+    if rotary is not None and (type(rotary) is not RotaryEmbedding or rotary.fused is None):
+        return False
+    if (attn.backend is not cpu_attention or attn.alibi_slopes is not None or attn.logits_soft_cap is not None
+            or attn.head_dim % 8):
+        return False
+    return all(_linear_kind(module, quantized) is not None
+               for module in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj))
+
+
+def _linear_kind(module, quantized) -> str | None:
+    """'dense' (float32: the small-batch GEMM), 'int8' (GGUF 32-value blocks), or None."""
+    weight = module.weight
+    if isinstance(weight, QuantizedWeight):
+        if quantized is not None and module.linear == quantized.linear and quantized.int8_table(weight):
+            return "int8"
+        return None
+    if weight.dtype == torch.float32 and weight.is_contiguous() and (module.bias is None
+                                                                     or module.bias.dtype == torch.float32):
+        return "dense"
+    return None
+
+
+def _out_features(module) -> int:
+    weight = module.weight
+    return weight.out_features if isinstance(weight, QuantizedWeight) else weight.shape[0]
+
+
+class DecodeStack:
+    """Runs a LlamaModel's layers for decode-only steps (see the module docstring)."""
+
+    def __init__(self, lib: ctypes.CDLL, model, quantized) -> None:
+        self._lib, self._quantized = lib, quantized
+        self._layers = list(model.layers)
+        first = self._layers[0]
+        attention = first.self_attn
+        self._dense = any(_linear_kind(m, quantized) == "dense" for layer in self._layers
+                          for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                    layer.mlp.down_proj))
+        self._shape = dict(num_layers=len(self._layers), hidden=first.input_layernorm.weight.shape[0],
+                           intermediate=_out_features(first.mlp.gate_up_proj) // 2,
+                           num_heads=attention.attn.num_heads, num_kv_heads=attention.attn.num_kv_heads,
+                           head_dim=attention.attn.head_dim)
+        self._kv_key: tuple | None = None
+        self._stack: _Stack | None = None
+        self._keep: list = []  # what the C structures point into
+
+    @staticmethod
+    def build(lib: ctypes.CDLL | None, model, quantized) -> DecodeStack | None:
+        """A DecodeStack for model (a LlamaModel), or None where its layers are not all of
+        the kinds this runs exactly as they would."""
+        layers = list(getattr(model, "layers", ()))
+        if lib is None or not layers or get_tp_size() != 1:
+            return None
+        if not all(_eligible_layer(layer, quantized) for layer in layers):
+            return None
+        reference = layers[0]
+        for layer in layers:  # one set of shapes and constants for every layer
+            a, r = layer.self_attn, reference.self_attn
+            if (layer.input_layernorm.eps != reference.input_layernorm.eps
+                    or {n.eps for n in (layer.input_layernorm, layer.post_attention_layernorm)} != {
+                        reference.input_layernorm.eps}
+                    or {n.weight_offset for n in (layer.input_layernorm, layer.post_attention_layernorm)} != {
+                        reference.input_layernorm.weight_offset}
+                    or a.rotary_emb is not r.rotary_emb or a.attn.scale != r.attn.scale
+                    or (a.attn.num_heads, a.attn.num_kv_heads, a.attn.head_dim) != (
+                        r.attn.num_heads, r.attn.num_kv_heads, r.attn.head_dim)
+                    or _out_features(layer.mlp.gate_up_proj) != _out_features(reference.mlp.gate_up_proj)):
+                return None
+        return DecodeStack(lib, model, quantized)
+
+    def _linear(self, module) -> _Linear:
+        weight, bias = module.weight, module.bias
+        out = _out_features(module)
+        if bias is not None:
+            bias = bias.detach().float().contiguous()
+            self._keep.append(bias)
+        bias_pointer = bias.data_ptr() if bias is not None else None
+        if not isinstance(weight, QuantizedWeight):
+            return _Linear(dense=weight.data_ptr(), bias=bias_pointer, out=out)
+        count, segments, row_bytes, types, first_rows, num_rows = self._quantized.int8_table(weight)
+        self._keep.append((segments, row_bytes, types, first_rows, num_rows))
+        return _Linear(None, count, ctypes.addressof(segments), ctypes.addressof(row_bytes), ctypes.addressof(types),
+                       ctypes.addressof(first_rows), ctypes.addressof(num_rows), bias_pointer, out)
+
+    def _build_stack(self, kv_caches: list[torch.Tensor]) -> _Stack:
+        self._keep = []
+        layers = (_Layer * len(self._layers))()
+        for entry, layer, kv_cache in zip(layers, self._layers, kv_caches):
+            attention, mlp = layer.self_attn, layer.mlp
+            entry.qkv, entry.o = self._linear(attention.qkv_proj), self._linear(attention.o_proj)
+            entry.gate_up, entry.down = self._linear(mlp.gate_up_proj), self._linear(mlp.down_proj)
+            entry.input_norm = layer.input_layernorm.weight.data_ptr()
+            entry.post_norm = layer.post_attention_layernorm.weight.data_ptr()
+            entry.kv_cache = kv_cache.data_ptr()
+            entry.sliding_window = attention.attn.sliding_window or 0
+        self._keep.append(layers)
+        first = self._layers[0]
+        rotary = first.self_attn.rotary_emb
+        _, num_blocks, block_size, _, _ = kv_caches[0].shape
+        stack = _Stack(**self._shape, rotary_dim=rotary.cos_cache.shape[1] if rotary is not None else 0,
+                       num_blocks=num_blocks, block_size=block_size,
+                       eps=first.input_layernorm.eps, norm_offset=first.input_layernorm.weight_offset,
+                       scale=first.self_attn.attn.scale,
+                       cos_cache=rotary.cos_cache.data_ptr() if rotary is not None else None,
+                       sin_cache=rotary.sin_cache.data_ptr() if rotary is not None else None,
+                       layers=ctypes.addressof(layers))
+        return stack
+
+    def takes(self, hidden_states: torch.Tensor, kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> bool:
+        """Whether this step is one the stack runs: decode tokens only, float32 K/V in
+        the layout the kernels read, and few enough rows for the small-batch GEMM when
+        a layer has float32 weights (more go through oneDNN in the layers)."""
+        rows = hidden_states.shape[0]
+        if (not metadata.is_decode_only or rows != metadata.num_requests or hidden_states.dtype != torch.float32
+                or (self._dense and rows > SMALL_GEMM_MAX_ROWS) or len(kv_caches) != len(self._layers)):
+            return False
+        kv = kv_caches[0]
+        return kv.dtype == torch.float32 and kv.dim() == 5 and kv.is_contiguous()
+
+    def __call__(self, hidden_states: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                 metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden_states [rows, hidden] (the embeddings, taken over as the residual) ->
+        (the last layer's MLP output, the residual stream), as the layers return them."""
+        key = tuple(kv.data_ptr() for kv in kv_caches)
+        if key != self._kv_key:
+            self._stack, self._kv_key = self._build_stack(kv_caches), key
+        plan = cpu_attention.StepPlan.of(metadata)
+        residual = hidden_states.contiguous()
+        x = torch.empty_like(residual)
+        positions = positions.to(torch.int64).contiguous()
+        slots = metadata.slot_mapping.to(torch.int64).contiguous()
+        status = self._lib.decode_stack_f32(
+            ctypes.byref(self._stack), pointer(x), pointer(residual), INT64(residual.shape[0]), pointer(positions),
+            pointer(slots), plan.block_table_pointer, INT64(plan.block_table.shape[1]), *plan.decode_args)
+        if status != 0:
+            raise RuntimeError(f"decode_stack_f32 failed ({status}) on a batch of {residual.shape[0]}")
+        return x, residual
