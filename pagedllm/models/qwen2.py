@@ -47,8 +47,10 @@ class Qwen3Attention(LlamaAttention):
                 metadata: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         num_tokens, head_dim = q.shape[0], self.attn.head_dim
-        q = self.q_norm(q.reshape(num_tokens, -1, head_dim))
-        k = self.k_norm(k.reshape(num_tokens, -1, head_dim))
+        # Dense copies: as column slices of QKV they are only dense for one token, and the fused
+        # norm (CPU) takes dense rows: every batch size then normalizes with the same kernel.
+        q = self.q_norm(q.reshape(num_tokens, -1, head_dim).contiguous())
+        k = self.k_norm(k.reshape(num_tokens, -1, head_dim).contiguous())
         q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, kv_cache, metadata)
         return self.o_proj(out)

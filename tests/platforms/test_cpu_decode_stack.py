@@ -22,9 +22,11 @@ CASES = {
     "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**tiny_kwargs(tie_word_embeddings=True))),
     # a window shorter than the contexts it decodes
     "mistral": (MistralForCausalLM, lambda: MistralConfig(**tiny_kwargs(sliding_window=6))),
+    # per-head q/k norms, head_dim != hidden / heads, a window on the second layer only
+    "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**tiny_kwargs(head_dim=32, use_sliding_window=True,
+                                                                  sliding_window=6, max_window_layers=1))),
 }
 UNCOVERED = {
-    "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**tiny_kwargs(head_dim=32))),  # q/k norms
     "gemma": (GemmaForCausalLM, lambda: GemmaConfig(**tiny_kwargs(head_dim=16))),  # GeGLU
 }
 

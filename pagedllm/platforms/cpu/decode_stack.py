@@ -1,4 +1,5 @@
-"""Decode steps of Llama-shaped float32 models in one C call (csrc/decode_stack.c).
+"""Decode steps of Llama-shaped float32 models (Llama, Mistral, Qwen2/3, InternLM,
+Baichuan-7B, SmolLM) in one C call (csrc/decode_stack.c).
 
 At batch 1 the Python between a layer's kernels cost more than the kernels: ~60 tensor
 and ctypes operations a layer, ~500 us of a GGUF layer's ~830 us on a 2-core AVX2
@@ -35,7 +36,7 @@ class _Linear(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear), ("input_norm", _P),
-                ("post_norm", _P), ("kv_cache", _P), ("sliding_window", _I64)]
+                ("post_norm", _P), ("q_norm", _P), ("k_norm", _P), ("kv_cache", _P), ("sliding_window", _I64)]
 
 
 class _Stack(ctypes.Structure):
@@ -45,14 +46,22 @@ class _Stack(ctypes.Structure):
                  ("layers", _P)]
 
 
+def _norms(layer) -> tuple:
+    """A layer's RMSNorms: input, post-attention (and Qwen3's per-head q and k norms)."""
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    return norms + tuple(getattr(layer.self_attn, name) for name in ("q_norm", "k_norm")
+                         if hasattr(layer.self_attn, name))
+
+
 def _eligible_layer(layer, quantized) -> bool:
     from pagedllm.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
+    from pagedllm.models.qwen2 import Qwen3Attention
 
     attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if not (type(layer) is LlamaDecoderLayer and type(attention) is LlamaAttention and type(mlp) is LlamaMLP
-            and type(mlp.act) is SiluAndMul and mlp.act.fused is not None):
+    if not (type(layer) is LlamaDecoderLayer and type(attention) in (LlamaAttention, Qwen3Attention)
+            and type(mlp) is LlamaMLP and type(mlp.act) is SiluAndMul and mlp.act.fused is not None):
         return False
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    norms = _norms(layer)
     if any(type(norm) is not RMSNorm or norm.fused is None or norm.weight.dtype != torch.float32 for norm in norms):
         return False
     rotary, attn = attention.rotary_emb, attention.attn
@@ -114,11 +123,9 @@ class DecodeStack:
         reference = layers[0]
         for layer in layers:  # one set of shapes and constants for every layer
             a, r = layer.self_attn, reference.self_attn
-            if (layer.input_layernorm.eps != reference.input_layernorm.eps
-                    or {n.eps for n in (layer.input_layernorm, layer.post_attention_layernorm)} != {
-                        reference.input_layernorm.eps}
-                    or {n.weight_offset for n in (layer.input_layernorm, layer.post_attention_layernorm)} != {
-                        reference.input_layernorm.weight_offset}
+            norms = _norms(layer)
+            if (len(norms) != len(_norms(reference)) or {n.eps for n in norms} != {reference.input_layernorm.eps}
+                    or {n.weight_offset for n in norms} != {reference.input_layernorm.weight_offset}
                     or a.rotary_emb is not r.rotary_emb or a.attn.scale != r.attn.scale
                     or (a.attn.num_heads, a.attn.num_kv_heads, a.attn.head_dim) != (
                         r.attn.num_heads, r.attn.num_kv_heads, r.attn.head_dim)
@@ -149,6 +156,8 @@ class DecodeStack:
             entry.gate_up, entry.down = self._linear(mlp.gate_up_proj), self._linear(mlp.down_proj)
             entry.input_norm = layer.input_layernorm.weight.data_ptr()
             entry.post_norm = layer.post_attention_layernorm.weight.data_ptr()
+            if hasattr(attention, "q_norm"):
+                entry.q_norm, entry.k_norm = attention.q_norm.weight.data_ptr(), attention.k_norm.weight.data_ptr()
             entry.kv_cache = kv_cache.data_ptr()
             entry.sliding_window = attention.attn.sliding_window or 0
         self._keep.append(layers)

@@ -11,7 +11,8 @@
  *     x = rms_norm(residual)            (layer 0; residual = the embeddings)
  *     x = rms_norm(residual += x)       (later layers: x = the previous MLP output)
  *     qkv = x @ Wqkv^T (+ b)            [rows, (H + 2 Hkv) D]
- *     rotate q and k in place; write k and v into the layer's KV blocks
+ *     (Qwen3: q, k = rms_norm of each head)
+ *     rotate q and k; write k and v into the layer's KV blocks
  *     attn = decode_attention(q)        [rows, H D]
  *     x = attn @ Wo^T (+ b); x = rms_norm(residual += x)
  *     x = (silu(gate) * up)(x @ Wgate_up^T) @ Wdown^T
@@ -36,6 +37,7 @@ typedef struct {
 typedef struct {
     StackLinear qkv, o, gate_up, down;
     const float *input_norm, *post_norm; /* [hidden] */
+    const float *q_norm, *k_norm;        /* [D]: Qwen3's per-head norms of q and k before RoPE, or NULL */
     void *kv_cache;                      /* float32 [2, num_blocks, block_size, Hkv, D] */
     int64_t sliding_window;              /* 0: none */
 } StackLayer;
@@ -66,26 +68,39 @@ int decode_stack_f32(const Stack *s, float *restrict x, float *restrict residual
                      const int64_t *query_rows, const int64_t *table_rows, const int64_t *seq_lens) {
     const int64_t q_size = s->num_heads * s->head_dim, kv_size = s->num_kv_heads * s->head_dim;
     const int64_t qkv_out = q_size + 2 * kv_size;
-    float *qkv = malloc(sizeof(float) * rows * (qkv_out + 2 * q_size + 3 * s->intermediate));
+    float *qkv = malloc(sizeof(float) * rows * (qkv_out + 2 * q_size + kv_size + 3 * s->intermediate));
     if (qkv == NULL) return -2;
-    float *query = qkv + rows * qkv_out, *attn = query + rows * q_size, *gate_up = attn + rows * q_size;
-    float *act = gate_up + rows * 2 * s->intermediate;
+    float *query = qkv + rows * qkv_out, *attn = query + rows * q_size, *key = attn + rows * q_size;
+    float *gate_up = key + rows * kv_size, *act = gate_up + rows * 2 * s->intermediate;
     int status = 0;
     for (int64_t i = 0; i < s->num_layers && status == 0; ++i) {
         const StackLayer *layer = s->layers + i;
         if (i == 0) rms_norm_f32(x, residual, layer->input_norm, rows, s->hidden, s->eps, s->norm_offset);
         else add_rms_norm_f32(x, residual, layer->input_norm, rows, s->hidden, s->eps, s->norm_offset);
         if ((status = linear(&layer->qkv, qkv, x, rows, s->hidden))) break;
-        if (s->cos_cache != NULL) {
-            rotary_f32(qkv, qkv_out, rows, s->num_heads, s->head_dim, s->rotary_dim, positions, s->cos_cache,
-                       s->sin_cache);
-            rotary_f32(qkv + q_size, qkv_out, rows, s->num_kv_heads, s->head_dim, s->rotary_dim, positions,
-                       s->cos_cache, s->sin_cache);
+        /* q and k: rotated in place as QKV columns, or normed per head into their own rows first */
+        float *q = qkv, *k = qkv + q_size;
+        int64_t q_stride = qkv_out, k_stride = qkv_out;
+        if (layer->q_norm != NULL) {
+            for (int64_t r = 0; r < rows; ++r) {
+                rms_norm_f32(query + r * q_size, qkv + r * qkv_out, layer->q_norm, s->num_heads, s->head_dim, s->eps,
+                             s->norm_offset);
+                rms_norm_f32(key + r * kv_size, qkv + r * qkv_out + q_size, layer->k_norm, s->num_kv_heads,
+                             s->head_dim, s->eps, s->norm_offset);
+            }
+            q = query, k = key, q_stride = q_size, k_stride = kv_size;
         }
-        write_kv(layer->kv_cache, (const char *)(qkv + q_size), (const char *)(qkv + q_size + kv_size), slots, rows,
-                 kv_size * (int64_t)sizeof(float), qkv_out * (int64_t)sizeof(float),
+        if (s->cos_cache != NULL) {
+            rotary_f32(q, q_stride, rows, s->num_heads, s->head_dim, s->rotary_dim, positions, s->cos_cache,
+                       s->sin_cache);
+            rotary_f32(k, k_stride, rows, s->num_kv_heads, s->head_dim, s->rotary_dim, positions, s->cos_cache,
+                       s->sin_cache);
+        }
+        write_kv(layer->kv_cache, (const char *)k, (const char *)(qkv + q_size + kv_size), slots, rows,
+                 kv_size * (int64_t)sizeof(float), k_stride * (int64_t)sizeof(float),
                  qkv_out * (int64_t)sizeof(float), s->num_blocks * s->block_size);
-        for (int64_t r = 0; r < rows; ++r) memcpy(query + r * q_size, qkv + r * qkv_out, sizeof(float) * q_size);
+        if (layer->q_norm == NULL)
+            for (int64_t r = 0; r < rows; ++r) memcpy(query + r * q_size, qkv + r * qkv_out, sizeof(float) * q_size);
         if ((status = paged_decode_attention(attn, query, layer->kv_cache, 0 /* KV_FLOAT32 */, block_table,
                                              query_rows, table_rows, seq_lens, rows, s->num_blocks, max_blocks,
                                              s->block_size, s->num_heads, s->num_kv_heads, s->head_dim, s->scale,
