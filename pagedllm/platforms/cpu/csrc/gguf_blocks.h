@@ -36,6 +36,15 @@ static inline int64_t block_bytes(int64_t type) {
     }
 }
 
+/* Asks for the cache lines of [p, p + bytes) ahead of their use. A decode step's GEMMs
+ * compute little per weight byte, and with weights streamed from DRAM the hardware
+ * prefetchers alone left them waiting: asking for the next tile of weight rows while the
+ * current one is computed took a batch-1 step of SmolLM2 Q4_1's 30 layers of GEMMs from
+ * 7.8 to 5.8 ms (2-core AVX2 EPYC). */
+static inline void prefetch_bytes(const uint8_t *p, int64_t bytes) {
+    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 0, 3);
+}
+
 static inline int64_t block_values(int64_t type) { return type >= Q4_K ? SUPER_BLOCK : BLOCK; }
 
 /* Whether rows of `in` values of this type take row_bytes: whole blocks of a known type. */
