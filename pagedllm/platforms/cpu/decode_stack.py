@@ -97,19 +97,34 @@ class DecodeStack:
 
     def __init__(self, lib: ctypes.CDLL, model, quantized) -> None:
         self._lib, self._quantized = lib, quantized
-        self._layers = list(model.layers)
-        first = self._layers[0]
-        attention = first.self_attn
-        self._dense = any(_linear_kind(m, quantized) == "dense" for layer in self._layers
-                          for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                                    layer.mlp.down_proj))
-        self._shape = dict(num_layers=len(self._layers), hidden=first.input_layernorm.weight.shape[0],
-                           intermediate=_out_features(first.mlp.gate_up_proj) // 2,
-                           num_heads=attention.attn.num_heads, num_kv_heads=attention.attn.num_kv_heads,
-                           head_dim=attention.attn.head_dim)
-        self._kv_key: tuple | None = None
-        self._stack: _Stack | None = None
         self._keep: list = []  # what the C structures point into
+        layers = list(model.layers)
+        self._layers = (_Layer * len(layers))()  # weights now, KV pointers when the pool is known
+        for entry, layer in zip(self._layers, layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            entry.qkv, entry.o = self._linear(attention.qkv_proj), self._linear(attention.o_proj)
+            entry.gate_up, entry.down = self._linear(mlp.gate_up_proj), self._linear(mlp.down_proj)
+            entry.input_norm = layer.input_layernorm.weight.data_ptr()
+            entry.post_norm = layer.post_attention_layernorm.weight.data_ptr()
+            if hasattr(attention, "q_norm"):
+                entry.q_norm, entry.k_norm = attention.q_norm.weight.data_ptr(), attention.k_norm.weight.data_ptr()
+            entry.sliding_window = attention.attn.sliding_window or 0
+        self._dense = any(entry.dense for layer in self._layers
+                          for entry in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        first = layers[0]
+        attention, rotary = first.self_attn.attn, first.self_attn.rotary_emb
+        self._stack = _Stack(num_layers=len(layers), hidden=first.input_layernorm.weight.shape[0],
+                             intermediate=_out_features(first.mlp.gate_up_proj) // 2,
+                             num_heads=attention.num_heads, num_kv_heads=attention.num_kv_heads,
+                             head_dim=attention.head_dim,
+                             rotary_dim=rotary.cos_cache.shape[1] if rotary is not None else 0,
+                             eps=first.input_layernorm.eps, norm_offset=first.input_layernorm.weight_offset,
+                             scale=attention.scale,
+                             cos_cache=rotary.cos_cache.data_ptr() if rotary is not None else None,
+                             sin_cache=rotary.sin_cache.data_ptr() if rotary is not None else None,
+                             layers=ctypes.addressof(self._layers))
+        self._kv_caches: list[torch.Tensor] | None = None  # the pool the structures point into
+        self._kv_usable = False
 
     @staticmethod
     def build(lib: ctypes.CDLL | None, model, quantized) -> DecodeStack | None:
@@ -147,50 +162,31 @@ class DecodeStack:
         return _Linear(None, count, ctypes.addressof(segments), ctypes.addressof(row_bytes), ctypes.addressof(types),
                        ctypes.addressof(first_rows), ctypes.addressof(num_rows), bias_pointer, out)
 
-    def _build_stack(self, kv_caches: list[torch.Tensor]) -> _Stack:
-        self._keep = []
-        layers = (_Layer * len(self._layers))()
-        for entry, layer, kv_cache in zip(layers, self._layers, kv_caches):
-            attention, mlp = layer.self_attn, layer.mlp
-            entry.qkv, entry.o = self._linear(attention.qkv_proj), self._linear(attention.o_proj)
-            entry.gate_up, entry.down = self._linear(mlp.gate_up_proj), self._linear(mlp.down_proj)
-            entry.input_norm = layer.input_layernorm.weight.data_ptr()
-            entry.post_norm = layer.post_attention_layernorm.weight.data_ptr()
-            if hasattr(attention, "q_norm"):
-                entry.q_norm, entry.k_norm = attention.q_norm.weight.data_ptr(), attention.k_norm.weight.data_ptr()
-            entry.kv_cache = kv_cache.data_ptr()
-            entry.sliding_window = attention.attn.sliding_window or 0
-        self._keep.append(layers)
-        first = self._layers[0]
-        rotary = first.self_attn.rotary_emb
-        _, num_blocks, block_size, _, _ = kv_caches[0].shape
-        stack = _Stack(**self._shape, rotary_dim=rotary.cos_cache.shape[1] if rotary is not None else 0,
-                       num_blocks=num_blocks, block_size=block_size,
-                       eps=first.input_layernorm.eps, norm_offset=first.input_layernorm.weight_offset,
-                       scale=first.self_attn.attn.scale,
-                       cos_cache=rotary.cos_cache.data_ptr() if rotary is not None else None,
-                       sin_cache=rotary.sin_cache.data_ptr() if rotary is not None else None,
-                       layers=ctypes.addressof(layers))
-        return stack
+    def _attach(self, kv_caches: list[torch.Tensor]) -> bool:
+        """Points the layers at this KV pool (once: the pool does not move) and says
+        whether the kernels read it: float32 blocks, one tensor per layer."""
+        if kv_caches is not self._kv_caches:
+            self._kv_caches = kv_caches
+            self._kv_usable = len(kv_caches) == len(self._layers) and all(
+                kv.dtype == torch.float32 and kv.dim() == 5 and kv.is_contiguous() for kv in kv_caches)
+            if self._kv_usable:
+                for entry, kv in zip(self._layers, kv_caches):
+                    entry.kv_cache = kv.data_ptr()
+                _, self._stack.num_blocks, self._stack.block_size, _, _ = kv_caches[0].shape
+        return self._kv_usable
 
     def takes(self, hidden_states: torch.Tensor, kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> bool:
         """Whether this step is one the stack runs: decode tokens only, float32 K/V in
         the layout the kernels read, and few enough rows for the small-batch GEMM when
         a layer has float32 weights (more go through oneDNN in the layers)."""
-        rows = hidden_states.shape[0]
-        if (not metadata.is_decode_only or rows != metadata.num_requests or hidden_states.dtype != torch.float32
-                or (self._dense and rows > SMALL_GEMM_MAX_ROWS) or len(kv_caches) != len(self._layers)):
-            return False
-        kv = kv_caches[0]
-        return kv.dtype == torch.float32 and kv.dim() == 5 and kv.is_contiguous()
+        return (metadata.is_decode_only and hidden_states.dtype == torch.float32
+                and not (self._dense and hidden_states.shape[0] > SMALL_GEMM_MAX_ROWS) and self._attach(kv_caches))
 
     def __call__(self, hidden_states: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                  metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden_states [rows, hidden] (the embeddings, taken over as the residual) ->
-        (the last layer's MLP output, the residual stream), as the layers return them."""
-        key = tuple(kv.data_ptr() for kv in kv_caches)
-        if key != self._kv_key:
-            self._stack, self._kv_key = self._build_stack(kv_caches), key
+        (the last layer's MLP output, the residual stream), as the layers return them.
+        Only for steps takes() accepted (which also points the layers at kv_caches)."""
         plan = cpu_attention.StepPlan.of(metadata)
         residual = hidden_states.contiguous()
         x = torch.empty_like(residual)

@@ -293,12 +293,15 @@ static void tile_gemm(float *restrict y, int64_t y_stride, Tile *tile, const uin
 
 static inline int64_t tiles_of(int64_t rows) { return (rows + TILE_ROWS - 1) / TILE_ROWS; }
 
-/* Tile t of the segments (num_rows[s] rows each, in order): its segment and first row there. */
-static inline int64_t tile_start(int64_t t, const int64_t *num_rows, int64_t *segment) {
+/* Tile t of the segments (num_rows[s] rows each, in order): its segment, its first row
+ * there and its number of rows (TILE_ROWS, fewer at a segment's end). */
+static inline int64_t locate_tile(int64_t t, const int64_t *num_rows, int64_t *segment, int *count) {
     int64_t s = 0;
     while (t >= tiles_of(num_rows[s])) t -= tiles_of(num_rows[s++]);
+    const int64_t first = t * TILE_ROWS;
     *segment = s;
-    return t * TILE_ROWS;
+    *count = num_rows[s] - first < TILE_ROWS ? (int)(num_rows[s] - first) : TILE_ROWS;
+    return first;
 }
 
 /* Rows of x per panel: their int8 copy (PANEL_ROWS * in bytes) stays in L2 while every
@@ -348,15 +351,12 @@ int gguf_gemm_int8(float *restrict y, int64_t y_stride, const float *restrict x,
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < num_tiles; ++t) {
                 if (tile.q == NULL || tile.d == NULL) continue;
-                int64_t s, next_segment;
-                const int64_t first = tile_start(t, num_rows, &s);
-                const int count = num_rows[s] - first < TILE_ROWS ? (int)(num_rows[s] - first) : TILE_ROWS;
+                int64_t s, n;
+                int count, next_count;
+                const int64_t first = locate_tile(t, num_rows, &s, &count);
                 if (t + 1 < num_tiles) { /* the next tile's rows, on their way while this one is computed */
-                    const int64_t next = tile_start(t + 1, num_rows, &next_segment);
-                    const int64_t next_count = num_rows[next_segment] - next < TILE_ROWS
-                                                   ? num_rows[next_segment] - next : TILE_ROWS;
-                    prefetch_bytes(w[next_segment] + next * row_bytes[next_segment],
-                                   next_count * row_bytes[next_segment]);
+                    const int64_t next = locate_tile(t + 1, num_rows, &n, &next_count);
+                    prefetch_bytes(w[n] + next * row_bytes[n], next_count * row_bytes[n]);
                 }
                 const uint8_t *raw[TILE_ROWS];
                 for (int r = 0; r < count; ++r) raw[r] = w[s] + (first + r) * row_bytes[s];
