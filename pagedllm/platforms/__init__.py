@@ -35,6 +35,9 @@ class Platform:
     def prepare_process(self) -> None:
         """Once per worker process, before the model is built."""
 
+    def after_step(self) -> None:
+        """In the worker, between two model steps (CPU: hands freed heap pages back now and then)."""
+
     def choose_dtype(self, checkpoint_dtype: str | None) -> tuple[str, str]:
         """dtype 'auto' for 16-bit (or GGUF) weights -> (dtype, why), for the start-up log."""
         raise NotImplementedError

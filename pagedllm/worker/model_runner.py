@@ -20,7 +20,7 @@ from pagedllm.core.scheduler_output import GrammarBitmask, ModelRunnerOutput, Sc
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.sampler import SamplingBatch, gather_logprobs, mix_seed, sample
 from pagedllm.loader.model_loader import load_model, torch_dtype
-from pagedllm.platforms import StepClock
+from pagedllm.platforms import StepClock, get_platform
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.cache_engine import CacheEngine
 
@@ -64,6 +64,7 @@ class ModelRunner:
         self.model: torch.nn.Module | None = None
         self.cache: CacheEngine | None = None
         self.step_clock = StepClock()
+        self.platform = get_platform(model_config.device)
         self.requests: dict[str, RequestState] = {}
         self.vocab_size = model_config.hf_config.vocab_size
 
@@ -154,6 +155,7 @@ class ModelRunner:
             return self._execute_model(scheduler_output)
         finally:
             self.step_clock.idle_since = time.monotonic()
+            self.platform.after_step()
 
     @torch.inference_mode()
     def _execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:

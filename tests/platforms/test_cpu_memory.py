@@ -1,6 +1,7 @@
 """keep_freed_memory: a CPU worker's prefill steps find their activation memory
-mapped already instead of page-faulting it in again. populate_in_background: the KV
-pool is faulted in once, keeping what steps wrote meanwhile."""
+mapped already instead of page-faulting it in again. FreedMemoryTrimmer: now and then
+the heap's free pages go back to the kernel. populate_in_background: the KV pool is
+faulted in once, keeping what steps wrote meanwhile."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from pagedllm.platforms.cpu import memory
 _PROBE = """
 import resource
 from pagedllm import LLM, SamplingParams
+from pagedllm.platforms.cpu import memory
+memory.TRIM_INTERVAL_S = float("inf")  # what keeping does alone: on a slow CPU a trim would fall in between
 llm = LLM(enable_prefix_caching=False, dtype="float32", max_model_len=512, num_kv_blocks=136)
 params = SamplingParams(max_tokens=1, ignore_eos=True)
 def prompts(offset):
@@ -57,6 +60,42 @@ def test_prefill_steps_reuse_activation_memory():
     # Measured: 0-6700 page faults kept (the heap now and then still grows once),
     # 24 000-660 000 by default (24 305 against 3840 kept in one full CI run).
     assert default > 4 * kept, (kept, default)
+
+
+# 256 freed blocks of 1 MiB below a live one (so not at the heap's top, where even a
+# trim threshold would return them): RSS before the trimmer's first interval has
+# passed, after it has not, after it has.
+_TRIM_PROBE = """
+import ctypes, psutil
+from pagedllm.platforms.cpu import memory
+assert memory.keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+blocks = [libc.malloc(1 << 20) for _ in range(256)]
+for block in blocks:
+    ctypes.memset(block, 1, 1 << 20)
+live = libc.malloc(4096)
+for block in blocks:
+    libc.free(block)
+rss = lambda: psutil.Process().memory_info().rss
+trimmer = memory.FreedMemoryTrimmer()
+before = rss()
+trimmer.after_step()
+too_soon = rss()
+trimmer._last_trim -= memory.TRIM_INTERVAL_S
+trimmer.after_step()
+print(before, too_soon, rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_heap_pages_go_back_once_an_interval():
+    env = {k: v for k, v in os.environ.items() if k not in memory.USER_SETTINGS}
+    result = subprocess.run([sys.executable, "-c", _TRIM_PROBE], capture_output=True, text=True, env=env,
+                            check=True, timeout=120)
+    before, too_soon, after = (int(value) for value in result.stdout.split()[-3:])
+    assert abs(before - too_soon) < 16 << 20, "trimmed before its interval"
+    assert before - after > 200 << 20, (before, after)
 
 
 def _rss() -> int:

@@ -35,6 +35,15 @@ class CpuPlatform(Platform):
         keep_freed_memory()
         self.kernels  # noqa: B018 -- built now, not inside the first step
 
+    @functools.cached_property
+    def _trimmer(self):
+        from pagedllm.platforms.cpu.memory import FreedMemoryTrimmer
+
+        return FreedMemoryTrimmer()
+
+    def after_step(self) -> None:
+        self._trimmer.after_step()
+
     def process_weights_after_loading(self, model) -> None:
         from pagedllm.platforms.cpu.decode_stack import DecodeStack
         from pagedllm.platforms.cpu.linear import pack_bfloat16_weights

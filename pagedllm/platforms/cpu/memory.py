@@ -1,5 +1,6 @@
 """Process memory of CPU workers: glibc malloc settings that keep freed activation
-memory, and the KV pool's anonymous mapping, faulted in by a background thread.
+memory (and a periodic trim of what fragmentation leaves behind), and the KV pool's
+anonymous mapping, faulted in by a background thread.
 
 Activations. A forward pass allocates and frees activations of tens of MiB per layer
 (a 2048-token chunk: [2048, 3072] float32 gate/up output = 24 MiB). glibc
@@ -68,6 +69,34 @@ def keep_freed_memory() -> bool:
     if not applied:
         logger.warning("mallopt refused the activation-memory settings; CPU steps will page-fault more")
     return applied
+
+
+# How often the worker hands the heap's free pages back (FreedMemoryTrimmer), in seconds of stepping.
+TRIM_INTERVAL_S = 10.0
+
+
+class FreedMemoryTrimmer:
+    """Keeping freed activations mapped has a price: as batch shapes change, the heap
+    fragments (an activation larger than every free hole extends the heap, and the hole
+    stays resident), so RSS crept up under mixed traffic, never to come down: a server
+    soaked with 256 concurrent streams of random lengths grew by 68 MiB from the first
+    half of the traffic to the second, all of it in the engine-core process. Every
+    TRIM_INTERVAL_S, between two steps, malloc_trim(0) returns every whole free page of
+    the heap to the kernel (MADV_DONTNEED), so RSS falls back to what is in use; only
+    the next step faults its activations in again, once per interval."""
+
+    def __init__(self) -> None:
+        try:
+            self._malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            self._malloc_trim = None
+        self._last_trim = time.monotonic()
+
+    def after_step(self) -> None:
+        if self._malloc_trim is None or time.monotonic() - self._last_trim < TRIM_INTERVAL_S:
+            return
+        self._malloc_trim(0)
+        self._last_trim = time.monotonic()
 
 
 MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14+
