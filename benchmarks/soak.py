@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -73,7 +74,7 @@ class Outcome:
     latencies: list[float] = field(default_factory=list)
     # (seconds since the traffic started, value), once a second while it runs:
     scrapes: list[tuple[float, float]] = field(default_factory=list)  # how long GET /metrics took, s
-    rss: list[tuple[float, float]] = field(default_factory=list)  # the server's RSS, MiB
+    rss: list[tuple[float, tuple[float, float]]] = field(default_factory=list)  # _rss_mib's pair
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -95,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600, help="bound on the whole soak, in seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", default=None, help="also write the figures to this file")
+    parser.add_argument("--reference-file", default=None,
+                        help="keep the offline outputs here: read when the file holds them for the same requests "
+                        "(and model), else computed and written (saves the reference run when repeating a soak)")
     args = parser.parse_args(argv)
     if not (0 <= args.cancel_fraction <= 1 and 0 <= args.stream_fraction <= 1 and args.requests >= 1
             and args.concurrency >= 1 and args.max_tokens >= 16):
@@ -181,12 +185,14 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _rss_mib(pid: int | None) -> float | None:
-    """The server's RSS with its engine-core processes (and their workers)."""
+def _rss_mib(pid: int | None) -> tuple[float, float] | None:
+    """(the server's RSS with its engine-core processes and their workers, the API
+    server process's alone), in MiB."""
     if pid is None:
         return None
     server = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [server, *server.children(recursive=True)]) / 2**20
+    own = server.memory_info().rss
+    return (own + sum(p.memory_info().rss for p in server.children(recursive=True))) / 2**20, own / 2**20
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -263,30 +269,56 @@ async def run_traffic(url: str, requests: list[SoakRequest], expected: list[str]
     outcome = Outcome()
     slots = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
-        jobs = [_one(client, slots, i, request, None if expected is None else expected[i], outcome)
-                for i, request in enumerate(requests)]
-        scraper = asyncio.create_task(_sample_server(url, pid, outcome))
-        try:
+    sampler = ServerSampler(url, pid)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+            jobs = [_one(client, slots, i, request, None if expected is None else expected[i], outcome)
+                    for i, request in enumerate(requests)]
             await asyncio.wait_for(asyncio.gather(*jobs), timeout)
-        finally:
-            scraper.cancel()
+    finally:
+        outcome.scrapes, outcome.rss = sampler.stop()
     return outcome
 
 
-async def _sample_server(url: str, pid: int | None, outcome: Outcome) -> None:
-    """Once a second: what Prometheus sees under load (GET /metrics on its own
-    connection), and the server's RSS."""
-    traffic_started = time.perf_counter()
-    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S) as scraper:
-        while True:
+class ServerSampler:
+    """Once a second while the traffic runs: what Prometheus sees under load (GET
+    /metrics on its own connection) and the server's RSS. It runs in a process of its
+    own, as a scraper does: in this one, the 256 client streams' event loop would add
+    its own delays to the figures."""
+
+    def __init__(self, url: str, pid: int | None) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._stop = context.Event()
+        self._results, sender = context.Pipe(duplex=False)
+        self._process = context.Process(target=_sample_server, args=(url, pid, self._stop, sender), daemon=True)
+        self._process.start()
+        sender.close()
+        if self._results.recv() != "ready":  # the first scrape is taken with the first requests
+            raise RuntimeError("the metrics sampler did not start")
+
+    def stop(self) -> tuple[list, list]:
+        """-> (scrapes, RSS samples) as (seconds since the sampler started, value)."""
+        self._stop.set()
+        samples = self._results.recv()
+        self._process.join()
+        return samples
+
+
+def _sample_server(url: str, pid: int | None, stop, results) -> None:
+    scrapes: list[tuple[float, float]] = []
+    rss_samples: list[tuple[float, tuple[float, float]]] = []
+    with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as scraper:
+        results.send("ready")
+        traffic_started = time.perf_counter()
+        while not stop.is_set():
             started = time.perf_counter()
-            (await scraper.get("/metrics")).raise_for_status()
-            outcome.scrapes.append((started - traffic_started, time.perf_counter() - started))
+            scraper.get("/metrics").raise_for_status()
+            scrapes.append((started - traffic_started, time.perf_counter() - started))
             rss = _rss_mib(pid)
             if rss is not None:
-                outcome.rss.append((started - traffic_started, rss))
-            await asyncio.sleep(1.0)
+                rss_samples.append((started - traffic_started, rss))
+            stop.wait(1.0)
+    results.send((scrapes, rss_samples))
 
 
 # ---- the run -------------------------------------------------------------------------------
@@ -333,7 +365,10 @@ def _soak(args: argparse.Namespace, url: str, pid: int | None, requests: list[So
     halves = ([rss for at, rss in outcome.rss if at < elapsed / 2],
               [rss for at, rss in outcome.rss if at >= elapsed / 2])
     # Traffic too short to sample twice: from before the traffic to after it.
-    first_half, second_half = (max(halves[0]), max(halves[1])) if all(halves) else (rss_before, rss_after)
+    first_half, second_half = ((max(halves[0]), max(halves[1])) if all(halves) else (rss_before, rss_after))
+    # The API server's own share of each peak, to tell which process grew.
+    api_first, api_second = ((max(own for _, own in halves[0]), max(own for _, own in halves[1]))
+                             if all(halves) else (None, None))
     usage = metrics.get("pagedllm:kv_cache_usage_perc", 0.0)
     figures = dict(
         requests=len(requests), done=outcome.num_done, cancelled=outcome.num_cancelled,
@@ -348,12 +383,23 @@ def _soak(args: argparse.Namespace, url: str, pid: int | None, requests: list[So
         kv_cache_usage_perc=usage, running=int(metrics.get("pagedllm:num_requests_running", 0)),
         waiting=int(metrics.get("pagedllm:num_requests_waiting", 0)),
         blocks_free=None if args.base_url else f"{round(args.num_kv_blocks * (1 - usage))}/{args.num_kv_blocks}",
-        rss_before_mib=None if rss_before is None else round(rss_before, 1),
-        rss_peak_first_half_mib=None if first_half is None else round(first_half, 1),
-        rss_peak_second_half_mib=None if second_half is None else round(second_half, 1),
-        rss_after_mib=None if rss_after is None else round(rss_after, 1),
-        rss_growth_mib=None if first_half is None else round(second_half - first_half, 1))
+        rss_before_mib=None if rss_before is None else round(rss_before[0], 1),
+        rss_peak_first_half_mib=None if first_half is None else round(first_half[0], 1),
+        rss_peak_second_half_mib=None if second_half is None else round(second_half[0], 1),
+        rss_after_mib=None if rss_after is None else round(rss_after[0], 1),
+        rss_growth_mib=None if first_half is None else round(second_half[0] - first_half[0], 1),
+        api_server_rss_peaks_mib=None if api_first is None else f"{api_first:.1f} -> {api_second:.1f}")
     return figures, outcome
+
+
+def _stored_reference(args: argparse.Namespace, requests: list[SoakRequest]) -> list[str] | None:
+    """The offline outputs kept in --reference-file for exactly these requests, if any."""
+    if not args.reference_file or not os.path.exists(args.reference_file):
+        return None
+    with open(args.reference_file) as f:
+        stored = json.load(f)
+    same = stored["model"] == args.model and stored["requests"] == [r.body() for r in requests]
+    return stored["texts"] if same else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,7 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     # A modest pool: the reference is the same with or without preemption.
     llm = LLM(model=args.model, dtype="float32", max_model_len=args.max_model_len, kv_cache_memory="1GiB")
     requests = build_requests(args, llm.get_tokenizer())
-    expected = offline_texts(llm, requests)
+    expected = _stored_reference(args, requests)
+    if expected is None:
+        expected = offline_texts(llm, requests)
+        if args.reference_file:
+            with open(args.reference_file, "w") as f:
+                json.dump({"model": args.model, "requests": [r.body() for r in requests], "texts": expected}, f)
     del llm
     print(f"offline reference: {len(requests)} requests in {time.monotonic() - started:.1f} s", flush=True)
     server = None if args.base_url else Server(args)
