@@ -8,8 +8,8 @@ cancelled stream had received a prefix of it, and that afterwards the KV pool is
 entirely free, nothing runs or waits, preemptions happened, the server's RSS (with
 its engine-core processes, sampled once a second) peaked in the second half of the
 traffic less than --max-rss-growth-mib above its peak in the first half, GET /metrics
-answered within --max-scrape-ms (p99, scraped once a second during the traffic),
-and SIGTERM stops it with exit code 0.
+answered within --max-scrape-ms (p99, scraped once a second during the traffic by a
+process of its own, as Prometheus would), and SIGTERM stops it with exit code 0.
 Prints the figures; exits 1 if any check fails.
 
     python benchmarks/soak.py MODEL [--requests 1000 --concurrency 64 --cancel-fraction 0.2]
@@ -297,7 +297,7 @@ class ServerSampler:
             raise RuntimeError("the metrics sampler did not start")
 
     def stop(self) -> tuple[list, list]:
-        """-> (scrapes, RSS samples) as (seconds since the sampler started, value)."""
+        """-> (scrapes, RSS samples) as (seconds since the traffic started, value)."""
         self._stop.set()
         samples = self._results.recv()
         self._process.join()
@@ -365,7 +365,7 @@ def _soak(args: argparse.Namespace, url: str, pid: int | None, requests: list[So
     halves = ([rss for at, rss in outcome.rss if at < elapsed / 2],
               [rss for at, rss in outcome.rss if at >= elapsed / 2])
     # Traffic too short to sample twice: from before the traffic to after it.
-    first_half, second_half = ((max(halves[0]), max(halves[1])) if all(halves) else (rss_before, rss_after))
+    first_half, second_half = (max(halves[0]), max(halves[1])) if all(halves) else (rss_before, rss_after)
     # The API server's own share of each peak, to tell which process grew.
     api_first, api_second = ((max(own for _, own in halves[0]), max(own for _, own in halves[1]))
                              if all(halves) else (None, None))
